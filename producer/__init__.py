@@ -1,0 +1,43 @@
+"""Thin client of the text-to-speech queue: validate a request, enqueue it, wait for the audio URL.
+
+    from producer import tts
+    url = tts.delay(text="Hello").get(timeout=600)["url"]
+
+Importing it imports neither torch, numpy, soundfile, boto3 nor the worker.
+"""
+
+from __future__ import annotations
+
+from producer.app import BACKFILL_QUEUE, INTERACTIVE_QUEUE, TASK_NAME, app, synthesize, tts
+from producer.errors import (
+    EncodingError,
+    InvalidRequest,
+    JobTimeLimitExceeded,
+    PermanentError,
+    StorageError,
+    TransientError,
+    TTSError,
+    UnknownVoice,
+    UnreadableText,
+)
+from producer.schema import TTSRequest, parse_request
+
+__all__ = [
+    "BACKFILL_QUEUE",
+    "INTERACTIVE_QUEUE",
+    "TASK_NAME",
+    "EncodingError",
+    "InvalidRequest",
+    "JobTimeLimitExceeded",
+    "PermanentError",
+    "StorageError",
+    "TTSError",
+    "TTSRequest",
+    "TransientError",
+    "UnknownVoice",
+    "UnreadableText",
+    "app",
+    "parse_request",
+    "synthesize",
+    "tts",
+]

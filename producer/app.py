@@ -1,0 +1,99 @@
+"""The producer's Celery app and the `tts` task handle that validates before it enqueues.
+
+The producer sends `tts.synthesize` by name: it never imports the worker, so a web app that enqueues
+jobs does not pull in numpy, boto3 or torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.result import AsyncResult
+
+from producer.config import ProducerConfig
+from producer.schema import TTSRequest, parse_request
+
+__all__ = [
+    "BACKFILL_QUEUE",
+    "INTERACTIVE_QUEUE",
+    "TASK_NAME",
+    "TTSTask",
+    "app",
+    "celery_contract",
+    "synthesize",
+    "tts",
+]
+
+TASK_NAME = "tts.synthesize"
+INTERACTIVE_QUEUE = "tts"
+"""Where `tts.delay` sends jobs; workers read it before the backfill queue."""
+BACKFILL_QUEUE = "tts.backfill"
+"""Where batch backfills send jobs, so that interactive calls are never stuck behind them."""
+
+
+def celery_contract(config: ProducerConfig) -> dict[str, Any]:
+    """Celery settings that producer and worker must agree on."""
+    return {
+        "broker_url": config.broker_url,
+        "result_backend": config.result_backend,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": INTERACTIVE_QUEUE,
+        "task_routes": {TASK_NAME: {"queue": INTERACTIVE_QUEUE}},
+        # Within a queue, Redis priorities only hold with this strategy; 0 (also "no priority") is the top.
+        "broker_transport_options": {"queue_order_strategy": "priority"},
+        "result_extended": True,
+        "task_send_sent_event": True,
+        "broker_connection_retry_on_startup": True,
+    }
+
+
+app = Celery("producer", set_as_current=False)
+"""The producer's Celery app, configured from the environment when first used."""
+
+
+@app.on_configure.connect
+def _configure(sender: Celery, **_: Any) -> None:
+    sender.conf.update(celery_contract(ProducerConfig.from_env()))
+
+
+class TTSTask:
+    """`tts.delay(text=...)` and `tts.apply_async(kwargs=...)`, with validation before sending."""
+
+    name = TASK_NAME
+
+    def __init__(self, celery_app: Celery) -> None:
+        self.app = celery_app
+        self._max_text_chars: int | None = None
+
+    def validate(self, fields: dict[str, Any]) -> TTSRequest:
+        """Check the fields against the request schema; raises `InvalidRequest`."""
+        if self._max_text_chars is None:
+            self._max_text_chars = ProducerConfig.from_env().max_text_chars
+        return parse_request(fields, max_text_chars=self._max_text_chars)
+
+    def delay(self, **fields: Any) -> AsyncResult:
+        """Validate the request fields, then enqueue the job. Returns its `AsyncResult`."""
+        return self.apply_async(kwargs=fields)
+
+    def apply_async(
+        self, args: tuple[Any, ...] | None = None, kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> AsyncResult:
+        """Like Celery's `apply_async` (`priority=`, `task_id=`, `queue=`, ...), validating `kwargs` first."""
+        if args:
+            raise TypeError("tts takes keyword fields only, e.g. tts.delay(text='Hello')")
+        request = self.validate(kwargs or {})
+        result: AsyncResult = self.app.send_task(TASK_NAME, kwargs=request.to_message(), **options)
+        return result
+
+
+tts = TTSTask(app)
+"""The synthesis task: `tts.delay(text="Hello")` returns an `AsyncResult` whose result is a dict."""
+
+
+def synthesize(*, timeout: float = 600, **fields: Any) -> dict[str, Any]:
+    """Enqueue one job and wait for its result dict (`status`, `url`, `filename`, `s3_key`, `metadata`)."""
+    result: dict[str, Any] = tts.delay(**fields).get(timeout=timeout)
+    return result

@@ -1,0 +1,39 @@
+"""The producer's settings, read from the environment (the only place the producer reads it)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from producer.schema import MAX_TEXT_CHARS
+
+__all__ = ["ConfigError", "ProducerConfig"]
+
+DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+
+
+class ConfigError(ValueError):
+    """An environment variable has a value the producer cannot use; the message names it."""
+
+
+@dataclass(frozen=True)
+class ProducerConfig:
+    """Where the producer sends jobs and reads results, and the text limit it enforces."""
+
+    broker_url: str = DEFAULT_BROKER_URL
+    result_backend: str = DEFAULT_BROKER_URL
+    max_text_chars: int = MAX_TEXT_CHARS
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> ProducerConfig:
+        """Build from CELERY_BROKER_URL, CELERY_RESULT_BACKEND (defaults to the broker) and MAX_TEXT_CHARS."""
+        broker = environ.get("CELERY_BROKER_URL") or DEFAULT_BROKER_URL
+        raw_limit = environ.get("MAX_TEXT_CHARS") or str(MAX_TEXT_CHARS)
+        if not raw_limit.isdigit() or int(raw_limit) < 1:
+            raise ConfigError(f"MAX_TEXT_CHARS must be a positive integer (got {raw_limit!r})")
+        return cls(
+            broker_url=broker,
+            result_backend=environ.get("CELERY_RESULT_BACKEND") or broker,
+            max_text_chars=int(raw_limit),
+        )

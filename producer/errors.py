@@ -1,0 +1,72 @@
+"""The errors of the text-to-speech queue, shared by producer and worker.
+
+They live in the producer because they are part of the contract: a client catches the same classes
+that the worker raises (Celery rebuilds a failed task's exception from its class name, and finds it
+here because importing ``producer`` imports this module).
+
+    TTSError
+    ├── PermanentError            never retried: the same request would fail the same way
+    │   ├── InvalidRequest        a field breaks a rule (also a ValueError)
+    │   │   └── UnknownVoice      a voice name that is not a usable file in AUDIO_VOICES_DIR
+    │   ├── UnreadableText        the engine produced no audio for the text
+    │   ├── EncodingError         ffmpeg refused the audio (its stderr is in the message)
+    │   └── JobTimeLimitExceeded  the job ran past its soft time limit
+    └── TransientError            retried with backoff, a bounded number of times
+        └── StorageError          S3 could not be reached or refused the request
+
+Every class takes one message string, so that Celery can rebuild it on the client from its args.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EncodingError",
+    "InvalidRequest",
+    "JobTimeLimitExceeded",
+    "PermanentError",
+    "StorageError",
+    "TTSError",
+    "TransientError",
+    "UnknownVoice",
+    "UnreadableText",
+]
+
+
+class TTSError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class PermanentError(TTSError):
+    """The request cannot succeed as sent; retrying would fail the same way."""
+
+
+class TransientError(TTSError):
+    """A passing failure of something outside the job (storage, broker, GPU memory); worth a retry."""
+
+
+class InvalidRequest(PermanentError, ValueError):
+    """A request field breaks a rule; the message names the field and the rule."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class UnknownVoice(InvalidRequest):
+    """A voice name that does not resolve to a usable audio file inside AUDIO_VOICES_DIR."""
+
+
+class UnreadableText(PermanentError):
+    """The engine produced no audio for a chunk of the text."""
+
+
+class EncodingError(PermanentError):
+    """ffmpeg failed to encode the audio."""
+
+
+class JobTimeLimitExceeded(PermanentError):
+    """The job ran past its soft time limit."""
+
+
+class StorageError(TransientError):
+    """The object store could not be reached or refused a request."""

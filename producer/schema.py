@@ -1,0 +1,170 @@
+"""The request schema: every field a synthesis job accepts, with its rule.
+
+It is the contract between producer and worker: the producer validates before anything reaches the
+broker, and the worker validates again with the same model, because a message can reach the queue
+without passing through the producer. Unknown fields are errors, so a typo is never silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from producer.errors import InvalidRequest
+from producer.formats import FORMATS, parse_bitrate
+
+__all__ = ["EMOTIONS", "MAX_TEXT_CHARS", "TTSRequest", "parse_request"]
+
+MAX_TEXT_CHARS = 10_000
+"""Default limit on `text`; the MAX_TEXT_CHARS environment variable lowers or raises it."""
+
+EMOTIONS = ("happy", "angry", "sad", "afraid", "disgusted", "melancholic", "surprised", "calm")
+"""The order of the eight `emo_vector` components, as IndexTTS2 expects them."""
+
+_SESSION_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+OutputFormat = Literal["opus", "mp3", "wav", "flac", "aac"]
+UnitFloat = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
+class TTSRequest(BaseModel):
+    """One synthesis job, as sent by `producer.tts.delay(**fields)`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    text: str
+    speaker_voice: str | None = None
+    emo_audio_prompt: str | None = None
+    emo_vector: list[UnitFloat] | None = None
+    emo_alpha: UnitFloat = 1.0
+    use_emo_text: bool = False
+    emo_text: str | None = Field(default=None, max_length=1000)
+    use_random: bool = False
+    enable_chunking: bool = True
+    max_chars_per_chunk: int = Field(default=300, ge=50, le=1000)
+    enable_crossfade: bool = True
+    crossfade_ms: int = Field(default=100, ge=0, le=1000)
+    output_format: OutputFormat = "opus"
+    bitrate: str | None = None
+    sample_rate: int | None = None
+    session_id: str | None = Field(default=None, pattern=_SESSION_ID_PATTERN)
+    presign_expires_s: int | None = Field(default=None, ge=60, le=604_800)
+
+    @field_validator("text")
+    @classmethod
+    def _text_fits(cls, text: str, info: ValidationInfo) -> str:
+        limit = (info.context or {}).get("max_text_chars", MAX_TEXT_CHARS)
+        if not text.strip():
+            raise ValueError("must not be blank")
+        if len(text) > limit:
+            raise ValueError(f"must be at most {limit} characters (got {len(text)})")
+        return text
+
+    @field_validator("speaker_voice", "emo_audio_prompt")
+    @classmethod
+    def _plain_file_name(cls, name: str | None) -> str | None:
+        if name is None:
+            return None
+        if not name or name in (".", "..") or any(c in name for c in "/\\\x00") or len(name) > 255:
+            raise ValueError(
+                "must be a plain file name inside AUDIO_VOICES_DIR (no path parts, no NUL), "
+                f"got {name!r}"
+            )
+        return name
+
+    @field_validator("emo_vector", mode="before")
+    @classmethod
+    def _eight_emotions(cls, value: Any) -> Any:
+        if isinstance(value, tuple):
+            value = list(value)
+        if isinstance(value, list) and len(value) != len(EMOTIONS):
+            raise ValueError(f"needs exactly 8 values ({', '.join(EMOTIONS)}), got {len(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _codec_allows(self) -> TTSRequest:
+        fmt = FORMATS[self.output_format]
+        if self.sample_rate is not None and self.sample_rate not in fmt.sample_rates:
+            allowed = ", ".join(str(r) for r in sorted(fmt.sample_rates))
+            raise _FieldError("sample_rate", f"{fmt.name} allows {allowed} (got {self.sample_rate})")
+        if self.bitrate is None:
+            return self
+        kbps_range = fmt.bitrate_range_kbps(self.effective_sample_rate)
+        if kbps_range is None:
+            raise _FieldError("bitrate", f"{fmt.name} is lossless and takes no bitrate")
+        try:
+            kbps = parse_bitrate(self.bitrate)
+        except ValueError as exc:
+            raise _FieldError("bitrate", str(exc)) from None
+        low, high = kbps_range
+        if not low <= kbps <= high:
+            raise _FieldError(
+                "bitrate",
+                f"{fmt.name} at {self.effective_sample_rate} Hz allows {low}k to {high}k (got {self.bitrate})",
+            )
+        return self
+
+    @property
+    def effective_sample_rate(self) -> int:
+        """The output sample rate: the one asked for, else 24000 Hz."""
+        return self.sample_rate or 24000
+
+    @property
+    def effective_bitrate(self) -> str | None:
+        """The output bitrate: the one asked for, else the format's default (None when lossless)."""
+        return self.bitrate or FORMATS[self.output_format].default_bitrate
+
+    def to_message(self) -> dict[str, Any]:
+        """The fields the caller set, as JSON-ready kwargs for the task message."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+class _FieldError(ValueError):
+    """A cross-field rule broken by one field (pydantic's own errors cannot name it from here)."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(rule)
+        self.field = field
+
+
+def parse_request(fields: Mapping[str, Any], *, max_text_chars: int = MAX_TEXT_CHARS) -> TTSRequest:
+    """Validate raw request fields. Raises `InvalidRequest` naming every broken field and its rule."""
+    try:
+        return TTSRequest.model_validate(dict(fields), context={"max_text_chars": max_text_chars})
+    except ValidationError as exc:
+        problems = [_describe(error) for error in exc.errors()]
+        message = "invalid request: " + "; ".join(problem for _, problem in problems)
+        raise InvalidRequest(message, field=problems[0][0]) from None
+
+
+def _describe(error: Any) -> tuple[str, str]:
+    """(field, 'field: rule') for one pydantic error, in words a caller can act on."""
+    loc = [str(part) for part in error["loc"]]
+    field = loc[0] if loc else "request"
+    ctx_error = (error.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, _FieldError):
+        return ctx_error.field, f"{ctx_error.field}: {ctx_error}"
+    where = field + "".join(f"[{part}]" for part in loc[1:])
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(field, TTSRequest.model_fields, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return field, f"{field}: unknown field{hint}"
+    message = str(ctx_error) if error["type"] == "value_error" else error["msg"]
+    message = message[:1].lower() + message[1:]
+    got = error.get("input")
+    shown = "" if error["type"] in ("missing", "value_error") or _long(got) else f" (got {got!r})"
+    return field, f"{where}: {message}{shown}"
+
+
+def _long(value: Any) -> bool:
+    return isinstance(value, (str, list, dict)) and len(value) > 40

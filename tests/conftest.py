@@ -1,0 +1,175 @@
+"""Real parts for the suite: one redis-server and one S3-compatible server (moto, over HTTP) per
+session, real `celery -A tts_worker worker` processes, and real ffmpeg.
+
+Each worker gets its own pair of Redis databases, so that a job sent for one worker is never taken
+by another; Redis is cleaned before each test (everything but kombu's queue bindings, which the
+running workers need).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import redis
+from celery import Celery
+
+from producer.app import TTSTask, celery_contract
+from producer.config import ProducerConfig
+from tts_worker.devstack import LOCAL_S3_KEYS, RedisServer, S3Server, WorkerProcess, stack_env
+from tts_worker.settings import Settings
+
+BUCKET = "tts-test"
+_databases = itertools.count(2, 2)  # 0 and 1 belong to the default producer
+
+
+@pytest.fixture(scope="session")
+def stack_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def redis_server(stack_dir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(stack_dir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(stack_dir: Path) -> Iterator[S3Server]:
+    server = S3Server(stack_dir)
+    server.create_bucket(BUCKET)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def voices_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A voices directory with one short reference voice, `alice.wav`."""
+    import numpy as np
+    import soundfile
+
+    directory = tmp_path_factory.mktemp("voices")
+    t = np.arange(22050) / 22050
+    soundfile.write(directory / "alice.wav", 0.3 * np.sin(2 * np.pi * 220 * t), 22050, subtype="PCM_16")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def base_env(redis_server: RedisServer, s3_server: S3Server, voices_dir: Path) -> dict[str, str]:
+    """The environment of a tone worker on Redis databases 0/1 (the producer's defaults here)."""
+    return stack_env(
+        redis_url=redis_server.url, s3_url=s3_server.url, bucket=BUCKET, engine="tone",
+        AUDIO_VOICES_DIR=str(voices_dir),
+    )  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the developer's own broker or bucket settings."""
+    for name in list(os.environ):
+        if name.startswith(("CELERY_", "S3_", "TTS_", "AUDIO_", "TONE_", "TASK_")):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A client of database 0, with the databases cleaned of everything but queue bindings."""
+    client = redis.Redis.from_url(f"{redis_server.url}/0")
+    for db in range(64):
+        scoped = redis.Redis.from_url(f"{redis_server.url}/{db}")
+        stale = [k for k in scoped.scan_iter() if not k.startswith(b"_kombu.binding.")]
+        if stale:
+            scoped.delete(*stale)
+        scoped.close()
+    yield client
+    client.close()
+
+
+class WorkerHandle:
+    """A running worker and a producer-side `tts` that reaches only it."""
+
+    def __init__(self, process: WorkerProcess, env: dict[str, str]) -> None:
+        self.process = process
+        self.env = env
+        self.settings = Settings.from_env(env)
+        self.app = Celery("test-producer", set_as_current=False)
+        self.app.conf.update(
+            celery_contract(
+                ProducerConfig(broker_url=env["CELERY_BROKER_URL"], result_backend=env["CELERY_RESULT_BACKEND"])
+            )
+        )
+        self.tts = TTSTask(self.app)
+
+    def pool_pids(self) -> list[int]:
+        stats = self.app.control.inspect(destination=[self.process.name], timeout=5).stats() or {}
+        return list(stats[self.process.name]["pool"]["processes"])
+
+
+@pytest.fixture(scope="session")
+def start_worker(
+    base_env: dict[str, str], redis_server: RedisServer, stack_dir: Path
+) -> Iterator[Callable[..., WorkerHandle]]:
+    """Start `celery -A tts_worker worker` with extra environment, on databases of its own."""
+    handles: list[WorkerHandle] = []
+
+    def start(**extra: str) -> WorkerHandle:
+        db = next(_databases)
+        name = f"w{db}"
+        env = {
+            **base_env,
+            "CELERY_BROKER_URL": f"{redis_server.url}/{db}",
+            "CELERY_RESULT_BACKEND": f"{redis_server.url}/{db + 1}",
+            **extra,
+        }
+        handle = WorkerHandle(WorkerProcess(env, log_path=stack_dir / f"{name}.log", name=name), env)
+        handles.append(handle)
+        return handle
+
+    yield start
+    for handle in handles:
+        handle.process.stop()
+        handle.app.close()
+
+
+@pytest.fixture(scope="session")
+def tone_worker(start_worker: Callable[..., WorkerHandle]) -> WorkerHandle:
+    return start_worker(TASK_MAX_RETRIES="2", RETRY_BACKOFF_S="1")
+
+
+@pytest.fixture(scope="session")
+def piper_worker(start_worker: Callable[..., WorkerHandle]) -> WorkerHandle:
+    return start_worker(TTS_ENGINE="piper")
+
+
+@pytest.fixture(scope="session")
+def s3(s3_server: S3Server) -> Any:
+    """A plain boto3 client of the test server, to look at what the worker stored."""
+    return boto3.client(
+        "s3", endpoint_url=s3_server.url, region_name="us-east-1",
+        aws_access_key_id=LOCAL_S3_KEYS["S3_ACCESS_KEY_ID"],
+        aws_secret_access_key=LOCAL_S3_KEYS["S3_SECRET_ACCESS_KEY"],
+    )  # fmt: skip
+
+
+@pytest.fixture
+def job_id() -> str:
+    return f"test-{uuid.uuid4()}"
+
+
+@pytest.fixture
+def default_producer(base_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> TTSTask:
+    """`producer.tts` itself, configured from the environment as an app would, on databases 0/1."""
+    import producer
+
+    for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"):
+        monkeypatch.setenv(name, base_env[name])
+    # The app reads the environment once, on first use; every test sets the same values.
+    assert producer.app.conf.broker_url == base_env["CELERY_BROKER_URL"]
+    return producer.tts

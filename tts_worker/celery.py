@@ -1,0 +1,100 @@
+"""The worker's Celery app: `celery -A tts_worker worker` needs no other flags.
+
+Why these defaults (measured on celery 5.7 / kombu 5.7 / Redis 7, see DESIGN.md):
+- prefork with one child, not solo: the parent keeps answering `inspect ping` and sending heartbeats
+  while a long job runs, enforces time limits, and requeues the job (`task_reject_on_worker_lost`
+  with late acks) when the child running it dies. The model is loaded in the child
+  (`worker_process_init`), never in the parent, so CUDA is never initialised in a process that forks.
+- prefetch 1: a job waits in Redis, where another worker can take it, not in a busy worker's buffer.
+- the visibility timeout sits above the hard time limit, or Redis would hand a job that is still
+  running to a second worker.
+- queues are read in the order given (`queue_order_strategy=priority`): interactive before backfill.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from typing import Any
+
+from celery import Celery, signals
+from kombu import Queue
+
+from producer.app import BACKFILL_QUEUE, INTERACTIVE_QUEUE, TASK_NAME, celery_contract
+from producer.config import ProducerConfig
+from producer.errors import TTSError
+from tts_worker import runtime
+from tts_worker.settings import Settings, SettingsError
+
+__all__ = ["app", "worker_config"]
+
+log = logging.getLogger(__name__)
+
+
+def worker_config(settings: Settings) -> dict[str, Any]:
+    """The Celery settings of a worker, from our settings."""
+    contract = celery_contract(
+        ProducerConfig(
+            broker_url=settings.celery_broker_url,
+            result_backend=settings.celery_result_backend,
+            max_text_chars=settings.max_text_chars,
+        )
+    )
+    visibility = {"visibility_timeout": settings.visibility_timeout_s}
+    return {
+        **contract,
+        "broker_transport_options": {**contract["broker_transport_options"], **visibility},
+        "result_backend_transport_options": visibility,
+        "visibility_timeout": settings.visibility_timeout_s,
+        "task_queues": [Queue(INTERACTIVE_QUEUE), Queue(BACKFILL_QUEUE)],
+        "worker_pool": "prefork",
+        "worker_concurrency": 1,
+        "worker_prefetch_multiplier": 1,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_track_started": True,
+        "worker_send_task_events": True,
+        "task_soft_time_limit": settings.task_soft_time_limit_s,
+        "task_time_limit": settings.task_time_limit_s,
+        # The child loads the model before it reports alive; give it time to.
+        "worker_proc_alive_timeout": settings.model_load_timeout_s,
+        # A broker blip must not throw away minutes of synthesis: the job finishes and acks, and is
+        # idempotent should Redis redeliver it meanwhile.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "task_annotations": {
+            TASK_NAME: {"max_retries": settings.max_retries, "retry_backoff": settings.retry_backoff_s}
+        },
+        "result_expires": 7 * 24 * 3600,
+    }
+
+
+app = Celery("tts_worker", include=["tts_worker.tasks"])
+
+
+@app.on_configure.connect
+def _configure(sender: Celery, **_: Any) -> None:
+    try:
+        settings = runtime.settings()
+    except SettingsError as exc:
+        raise SystemExit(f"tts_worker: bad setting: {exc}") from None
+    sender.conf.update(worker_config(settings))
+
+
+@signals.worker_init.connect
+def _check_before_start(**_: Any) -> None:
+    """Refuse to start, with a clear message, when ffmpeg or the bucket cannot be used."""
+    settings = runtime.settings()
+    if shutil.which(settings.ffmpeg_binary) is None:
+        raise SystemExit(f"tts_worker: ffmpeg not found (FFMPEG_BINARY={settings.ffmpeg_binary!r})")
+    try:
+        runtime.make_storage(settings).check_bucket()
+    except TTSError as exc:
+        raise SystemExit(f"tts_worker: {exc}") from None
+
+
+@signals.worker_process_init.connect
+def _load_model(**_: Any) -> None:
+    """Load and warm the engine in the child that serves jobs, before it takes one."""
+    runtime.services()
+
+

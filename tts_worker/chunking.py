@@ -1,0 +1,82 @@
+"""Split long text into chunks a TTS engine can synthesise, cutting at natural boundaries.
+
+Engines have an input limit and their prosody suffers when a sentence is cut in the middle, so
+`split_text` fills each chunk greedily up to `max_chars` and ends it at the best boundary it can
+find in that window, in this order of preference:
+
+1. a sentence end: `.` `!` `?` `…` (a run of them, with any closing quotes or brackets) followed by
+   whitespace or the end of the text, so "3.14" and "e.g.x" stay whole; or the CJK enders
+   U+3002 U+FF01 U+FF1F (with their closing quotes), which need no whitespace after them;
+2. a clause end: `,` `;` `:` or an em dash followed by whitespace, or the CJK comma, semicolon,
+   enumeration comma and colon, which need none;
+3. a word boundary: just before a run of whitespace;
+4. failing all three, a hard cut at `max_chars` (one very long word, or CJK text with no
+   punctuation).
+
+The split is lossless: `"".join(split_text(t, n)) == t`. Whitespace after a cut starts the next
+chunk, so the chunks map back onto the source text exactly; callers strip them before synthesis.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_right
+
+__all__ = ["split_text"]
+
+# Written as escapes because several of these look like ASCII punctuation in an editor.
+_CLOSERS = re.escape("\"')]\u00bb\u201d\u2019")  # " ' ) ] », right double and single quotes
+_CJK_ENDERS = "\u3002\uff01\uff1f"  # ideographic full stop, fullwidth ! and ?
+_CJK_CLOSERS = "\u300d\u300f\u201d\uff09"  # corner brackets, right double quote, fullwidth )
+_CJK_CLAUSE = "\uff0c\uff1b\u3001\uff1a"  # fullwidth , and ;, ideographic comma, fullwidth :
+
+# The lookbehind lets a run of enders start a match only at its first character: without it a
+# long run followed by a letter would be retried from every position, which is quadratic.
+_SENTENCE_END = re.compile(
+    rf"(?<![.!?\u2026])[.!?\u2026]+[{_CLOSERS}]*(?=\s|\Z)|[{_CJK_ENDERS}]+[{_CJK_CLOSERS}]*"
+)
+_CLAUSE_END = re.compile(rf"[,;:\u2014](?=\s)|[{_CJK_CLAUSE}]")
+_WORD_END = re.compile(r"(?<=\S)(?=\s)")
+_BOUNDARIES = (_SENTENCE_END, _CLAUSE_END, _WORD_END)
+
+
+def split_text(text: str, max_chars: int) -> list[str]:
+    """Split text into chunks of at most max_chars characters for synthesis.
+
+    The chunks join back to `text` exactly; none is empty, and text that fits is one chunk.
+    Raises ValueError when max_chars is below 1.
+    """
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be at least 1, got {max_chars}")
+    if len(text) <= max_chars:
+        return [text] if text else []
+    # Found once over the whole text rather than per window: whether a position is a boundary
+    # can depend on characters before the window (a closing quote right after a hard cut), and
+    # one pass keeps the split linear however many chunks there are.
+    boundaries = [_boundary_ends(pattern, text) for pattern in _BOUNDARIES]
+    chunks: list[str] = []
+    start = 0
+    while len(text) - start > max_chars:
+        end = _cut(boundaries, start, start + max_chars)
+        chunks.append(text[start:end])
+        start = end
+    chunks.append(text[start:])
+    return chunks
+
+
+def _boundary_ends(pattern: re.Pattern[str], text: str) -> list[int]:
+    """Every position where a match of `pattern` ends, ascending: the cuts of one class."""
+    return [match.end() for match in pattern.finditer(text)]
+
+
+def _cut(boundaries: list[list[int]], start: int, limit: int) -> int:
+    """Where the chunk from `start` ends: the last cut of the best class in (start, limit].
+
+    A cut at `start` itself would make an empty chunk, so it does not count; with no cut of
+    any class in the window the chunk is cut hard at `limit`.
+    """
+    for ends in boundaries:
+        i = bisect_right(ends, limit)
+        if i and ends[i - 1] > start:
+            return ends[i - 1]
+    return limit

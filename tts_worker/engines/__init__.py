@@ -1,0 +1,22 @@
+"""Text-to-speech engines behind one protocol; `load_engine` builds the one TTS_ENGINE names.
+
+Engines are imported only when chosen, so that a worker running `tone` or `piper` never imports torch.
+"""
+
+from __future__ import annotations
+
+from tts_worker.engines.base import Audio, Engine, VoiceInputs
+from tts_worker.settings import Settings
+
+__all__ = ["Audio", "Engine", "VoiceInputs", "load_engine"]
+
+
+def load_engine(settings: Settings) -> Engine:
+    """Load the engine named by `settings.tts_engine` (once per worker process: it can take minutes)."""
+    if settings.tts_engine == "tone":
+        from tts_worker.engines.tone import ToneEngine
+
+        return ToneEngine(rtf=settings.tone_rtf)
+    from tts_worker.engines.piper import PiperEngine
+
+    return PiperEngine()

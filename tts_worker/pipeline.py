@@ -1,0 +1,174 @@
+"""The synthesis pipeline: chunk -> synthesize -> join -> encode -> store, as plain Python.
+
+No Celery here: the Celery task and the RunPod handler are both thin callers of `run_job`.
+Jobs are idempotent: the object key is deterministic and records the job id, so a job delivered
+again after its worker died (or after the visibility timeout) returns the stored result instead of
+synthesising twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from producer.errors import UnreadableText
+from producer.formats import FORMATS, AudioFormat
+from producer.schema import TTSRequest
+from tts_worker.audio import join_chunks
+from tts_worker.chunking import split_text
+from tts_worker.encoding import encode
+from tts_worker.engines import Engine, VoiceInputs
+from tts_worker.settings import Settings
+from tts_worker.storage import S3Storage
+from tts_worker.voices import resolve_voice
+
+__all__ = ["Services", "run_job"]
+
+ProgressCallback = Callable[[int, int], None]
+"""Called as (chunks done, chunks in all) after each chunk."""
+
+
+@dataclass(frozen=True)
+class Services:
+    """What a job needs, made once per worker process."""
+
+    settings: Settings
+    engine: Engine
+    storage: S3Storage
+
+
+def run_job(
+    request: TTSRequest, services: Services, *, job_id: str, on_progress: ProgressCallback | None = None
+) -> dict[str, Any]:
+    """Synthesise one validated request, store the audio and return the result dict."""
+    settings, fmt = services.settings, FORMATS[request.output_format]
+    filename = f"{request.session_id or job_id}{fmt.extension}"
+    key = settings.s3_key_prefix + filename
+    expires = request.presign_expires_s or settings.presign_expires_s
+
+    stored = services.storage.metadata(key)
+    if stored is not None and stored.get("job-id") == job_id:
+        return _result(services, key=key, filename=filename, expires=expires, meta=_decode_meta(stored))
+
+    voice = _voice_inputs(request, settings)
+    started = time.perf_counter()
+    chunks = _chunks(request)
+    audio = _synthesize(chunks, request, services.engine, voice, on_progress)
+    synthesized = time.perf_counter()
+    data = encode(
+        audio, input_rate=services.engine.sample_rate, fmt=fmt, sample_rate=request.effective_sample_rate,
+        bitrate=request.effective_bitrate, ffmpeg=settings.ffmpeg_binary,
+    )  # fmt: skip
+    encoded = time.perf_counter()
+    meta = _metadata(request, services.engine, fmt, audio=audio, chunks=len(chunks))
+    services.storage.put(key, data, content_type=fmt.content_type, metadata=_encode_meta(meta, job_id))
+    uploaded = time.perf_counter()
+
+    meta["timings"] = {
+        "synthesis_s": round(synthesized - started, 3),
+        "encode_s": round(encoded - synthesized, 3),
+        "upload_s": round(uploaded - encoded, 3),
+    }
+    meta["rtf"] = round((synthesized - started) / meta["duration"], 4) if meta["duration"] else None
+    return _result(services, key=key, filename=filename, expires=expires, meta=meta)
+
+
+def _chunks(request: TTSRequest) -> list[str]:
+    pieces = split_text(request.text, request.max_chars_per_chunk) if request.enable_chunking else [request.text]
+    return [piece.strip() for piece in pieces if piece.strip()]
+
+
+def _synthesize(
+    chunks: list[str],
+    request: TTSRequest,
+    engine: Engine,
+    voice: VoiceInputs,
+    on_progress: ProgressCallback | None,
+) -> np.ndarray:
+    pieces = []
+    for index, chunk in enumerate(chunks):
+        audio = engine.synthesize(chunk, voice)
+        if len(audio) == 0:
+            raise UnreadableText(
+                f"text: {engine.name} produced no audio for chunk {index + 1} of {len(chunks)} ({chunk[:60]!r})"
+            )
+        pieces.append(audio)
+        if on_progress:
+            on_progress(index + 1, len(chunks))
+    crossfade = request.crossfade_ms if request.enable_crossfade else 0
+    return join_chunks(pieces, sample_rate=engine.sample_rate, crossfade_ms=crossfade)
+
+
+def _voice_inputs(request: TTSRequest, settings: Settings) -> VoiceInputs:
+    """Resolve and check the voice files (every engine does, so a bad name fails the same everywhere)."""
+
+    def resolve(name: str | None, field: str) -> Any:
+        if name is None:
+            return None
+        return resolve_voice(
+            name, settings.audio_voices_dir, field=field, max_seconds=settings.max_voice_seconds
+        )
+
+    return VoiceInputs(
+        speaker_voice=resolve(request.speaker_voice, "speaker_voice"),
+        emo_audio_prompt=resolve(request.emo_audio_prompt, "emo_audio_prompt"),
+        emo_vector=tuple(request.emo_vector) if request.emo_vector else None,
+        emo_alpha=request.emo_alpha,
+        use_emo_text=request.use_emo_text,
+        emo_text=request.emo_text,
+        use_random=request.use_random,
+    )
+
+
+def _metadata(
+    request: TTSRequest, engine: Engine, fmt: AudioFormat, *, audio: np.ndarray, chunks: int
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "sample_rate": request.effective_sample_rate,
+        "codec": fmt.name,
+        "bitrate": request.effective_bitrate,
+        "duration": round(len(audio) / engine.sample_rate, 3),
+        "device": engine.device,
+        "engine": engine.name,
+        "chunks": chunks,
+    }
+    asked_for_voice = request.speaker_voice or request.emo_audio_prompt or request.emo_vector
+    if not engine.clones_voices and asked_for_voice:
+        meta["voice_cloning"] = False
+        meta["note"] = f"{engine.name} speaks with its own voice: speaker and emotion inputs were not used"
+    return meta
+
+
+_META_KEYS = ("duration", "chunks", "engine", "device", "sample_rate", "codec", "bitrate")
+
+
+def _encode_meta(meta: dict[str, Any], job_id: str) -> dict[str, str]:
+    """S3 user metadata (strings only) from which a redelivered job rebuilds its result."""
+    return {"job-id": job_id, **{key.replace("_", "-"): str(meta[key]) for key in _META_KEYS}}
+
+
+def _decode_meta(stored: dict[str, str]) -> dict[str, Any]:
+    def get(key: str) -> str:
+        return stored.get(key.replace("_", "-"), "")
+
+    return {
+        "sample_rate": int(get("sample_rate") or 0),
+        "codec": get("codec"),
+        "bitrate": None if get("bitrate") in ("", "None") else get("bitrate"),
+        "duration": float(get("duration") or 0),
+        "device": get("device"),
+        "engine": get("engine"),
+        "chunks": int(get("chunks") or 0),
+        "reused": True,
+    }
+
+
+def _result(
+    services: Services, *, key: str, filename: str, expires: int, meta: dict[str, Any]
+) -> dict[str, Any]:
+    url = services.storage.presign(key, expires_s=expires)
+    return {"status": "completed", "url": url, "filename": filename, "s3_key": key, "metadata": meta}

@@ -1,0 +1,41 @@
+"""Per-process state of a worker: settings read once, the engine loaded once, storage made once."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+from tts_worker.engines import VoiceInputs, load_engine
+from tts_worker.pipeline import Services
+from tts_worker.settings import Settings
+from tts_worker.storage import S3Storage
+
+__all__ = ["make_storage", "services", "settings"]
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def settings() -> Settings:
+    """This process's settings, read from the environment on first use."""
+    return Settings.from_env()
+
+
+def make_storage(settings: Settings) -> S3Storage:
+    """A storage client for this process."""
+    return S3Storage(settings)
+
+
+@functools.cache
+def services() -> Services:
+    """Load the engine, warm it up with one short synthesis, and connect to storage (once per process)."""
+    current = settings()
+    started = time.perf_counter()
+    engine = load_engine(current)
+    engine.synthesize("Warm-up.", VoiceInputs())
+    log.info(
+        "engine %s loaded and warmed up on %s in %.1f s",
+        engine.name, engine.device, time.perf_counter() - started,
+    )  # fmt: skip
+    return Services(settings=current, engine=engine, storage=make_storage(current))

@@ -1,0 +1,163 @@
+"""Worker settings: read from the environment once at process start, validated, then passed down.
+
+This is the only module of the worker that reads the environment. A bad value raises `SettingsError`
+naming the variable, and the worker stops at start rather than failing on its first job.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from producer.config import DEFAULT_BROKER_URL
+from producer.schema import MAX_TEXT_CHARS
+
+__all__ = ["ENGINES", "Settings", "SettingsError"]
+
+ENGINES = ("piper", "tone")  # indextts2 joins with the GPU engine
+_T = TypeVar("_T")
+
+
+class SettingsError(ValueError):
+    """An environment variable is missing or has a value the worker cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the worker is configured with. Build it with `Settings.from_env()`."""
+
+    s3_bucket_name: str
+    celery_broker_url: str = DEFAULT_BROKER_URL
+    celery_result_backend: str = DEFAULT_BROKER_URL
+    s3_endpoint_url: str | None = None
+    s3_access_key_id: str | None = field(default=None, repr=False)
+    s3_secret_access_key: str | None = field(default=None, repr=False)
+    s3_region: str = "us-east-1"
+    s3_key_prefix: str = ""
+    presign_expires_s: int = 3600
+    audio_voices_dir: Path = Path("voices")
+    output_audio_dir: Path = Path("output_audio")
+    checkpoints_dir: Path = Path("checkpoints")
+    hf_token: str | None = field(default=None, repr=False)
+    tts_engine: str = "piper"
+    use_fp16: bool = False
+    use_deepspeed: bool = False
+    use_cuda_kernel: bool = False
+    max_tokens_per_segment: int = 120
+    cleanup_days: int = 2
+    max_text_chars: int = MAX_TEXT_CHARS
+    max_voice_seconds: float = 60.0
+    task_soft_time_limit_s: int = 1500
+    task_time_limit_s: int = 1800
+    visibility_timeout_s: int = 3600
+    max_retries: int = 5
+    retry_backoff_s: int = 5
+    model_load_timeout_s: int = 900
+    ffmpeg_binary: str = "ffmpeg"
+    tone_rtf: float = 0.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        """Read and validate every variable; raises `SettingsError` naming the first bad one."""
+        env = _Reader(environ)
+        broker = env.text("CELERY_BROKER_URL", DEFAULT_BROKER_URL)
+        settings = cls(
+            celery_broker_url=broker,
+            celery_result_backend=env.text("CELERY_RESULT_BACKEND", broker),
+            s3_endpoint_url=env.optional("S3_ENDPOINT_URL"),
+            s3_access_key_id=env.optional("S3_ACCESS_KEY_ID"),
+            s3_secret_access_key=env.optional("S3_SECRET_ACCESS_KEY"),
+            s3_bucket_name=env.required("S3_BUCKET_NAME"),
+            s3_region=env.text("S3_REGION", "us-east-1"),
+            s3_key_prefix=env.text("S3_KEY_PREFIX", ""),
+            presign_expires_s=env.integer("PRESIGN_EXPIRES_S", 3600, low=60, high=604_800),
+            audio_voices_dir=Path(env.text("AUDIO_VOICES_DIR", "voices")),
+            output_audio_dir=Path(env.text("OUTPUT_AUDIO_DIR", "output_audio")),
+            checkpoints_dir=Path(env.text("CHECKPOINTS_DIR", "checkpoints")),
+            hf_token=env.optional("HF_TOKEN"),
+            tts_engine=env.choice("TTS_ENGINE", "piper", ENGINES),
+            use_fp16=env.boolean("USE_FP16", False),
+            use_deepspeed=env.boolean("USE_DEEPSPEED", False),
+            use_cuda_kernel=env.boolean("USE_CUDA_KERNEL", False),
+            max_tokens_per_segment=env.integer("MAX_TOKENS_PER_SEGMENT", 120, low=20, high=2000),
+            cleanup_days=env.integer("CLEANUP_DAYS", 2, low=0, high=3650),
+            max_text_chars=env.integer("MAX_TEXT_CHARS", MAX_TEXT_CHARS, low=1, high=1_000_000),
+            max_voice_seconds=env.number("MAX_VOICE_SECONDS", 60.0, low=1.0, high=600.0),
+            task_soft_time_limit_s=env.integer("TASK_SOFT_TIME_LIMIT", 1500, low=1, high=86_400),
+            task_time_limit_s=env.integer("TASK_TIME_LIMIT", 1800, low=1, high=86_400),
+            visibility_timeout_s=env.integer("VISIBILITY_TIMEOUT", 3600, low=60, high=604_800),
+            max_retries=env.integer("TASK_MAX_RETRIES", 5, low=0, high=100),
+            retry_backoff_s=env.integer("RETRY_BACKOFF_S", 5, low=1, high=3600),
+            model_load_timeout_s=env.integer("MODEL_LOAD_TIMEOUT", 900, low=10, high=7200),
+            ffmpeg_binary=env.text("FFMPEG_BINARY", "ffmpeg"),
+            tone_rtf=env.number("TONE_RTF", 0.0, low=0.0, high=100.0),
+        )
+        settings.check_time_limits()
+        return settings
+
+    def check_time_limits(self) -> None:
+        """Redis redelivers a job still running at the visibility timeout: keep it above the hard limit."""
+        if self.task_soft_time_limit_s >= self.task_time_limit_s:
+            raise SettingsError(
+                f"TASK_SOFT_TIME_LIMIT ({self.task_soft_time_limit_s}) must be below "
+                f"TASK_TIME_LIMIT ({self.task_time_limit_s})"
+            )
+        if self.visibility_timeout_s <= self.task_time_limit_s:
+            raise SettingsError(
+                f"VISIBILITY_TIMEOUT ({self.visibility_timeout_s}) must be above TASK_TIME_LIMIT "
+                f"({self.task_time_limit_s}), or a running job is delivered to a second worker"
+            )
+
+
+class _Reader:
+    """Typed access to environment variables, each error naming the variable and the rule."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+
+    def optional(self, name: str) -> str | None:
+        return self.environ.get(name) or None
+
+    def text(self, name: str, default: str) -> str:
+        return self.environ.get(name) or default
+
+    def required(self, name: str) -> str:
+        value = self.optional(name)
+        if value is None:
+            raise SettingsError(f"{name} is required and not set")
+        return value
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.text(name, default)
+        if value not in choices:
+            raise SettingsError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.text(name, str(default)).strip().lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{name} must be true or false (got {value!r})")
+
+    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
+        return self._bounded(name, default, int, "an integer", low, high)
+
+    def number(self, name: str, default: float, *, low: float, high: float) -> float:
+        return self._bounded(name, default, float, "a number", low, high)
+
+    def _bounded(self, name: str, default: _T, parse: Callable[[str], _T], kind: str, low: _T, high: _T) -> _T:
+        raw = self.environ.get(name)
+        if not raw:
+            return default
+        try:
+            value = parse(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be {kind} (got {raw!r})") from None
+        if not low <= value <= high:  # type: ignore[operator]
+            raise SettingsError(f"{name} must be between {low} and {high} (got {raw!r})")
+        return value

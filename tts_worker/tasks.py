@@ -1,0 +1,60 @@
+"""The Celery task `tts.synthesize`: a thin caller of the pipeline.
+
+Retries follow the error tree: `TransientError` is retried with exponential backoff and jitter,
+up to TASK_MAX_RETRIES times, waiting about RETRY_BACKOFF_S, then twice that, and so on; everything else fails at once. The worker process survives both.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task, shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from redis.exceptions import RedisError
+
+from producer.app import TASK_NAME
+from producer.errors import InvalidRequest, JobTimeLimitExceeded, TransientError
+from producer.schema import parse_request
+from tts_worker import runtime
+from tts_worker.pipeline import run_job
+
+__all__ = ["synthesize"]
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(
+    name=TASK_NAME,
+    bind=True,
+    autoretry_for=(TransientError,),
+    retry_backoff_max=300,
+    retry_jitter=True,
+)  # max_retries and retry_backoff come from the settings, as task annotations (see tts_worker.celery)
+def synthesize(self: Task, *args: Any, **fields: Any) -> dict[str, Any]:
+    """Validate the fields, synthesise, store, and return the result dict with the presigned URL."""
+    job_id = self.request.id
+    if args:
+        raise InvalidRequest("request: tts.synthesize takes keyword fields only", field="request")
+    services = runtime.services()
+    request = parse_request(fields, max_text_chars=services.settings.max_text_chars)
+    log.info("job %s start: engine=%s chars=%d", job_id, services.engine.name, len(request.text))
+
+    def report(done: int, total: int) -> None:
+        try:
+            self.update_state(state="PROGRESS", meta={"chunk": done, "chunks": total})
+        except RedisError as exc:  # progress is best effort; the job is worth more
+            log.warning("job %s: progress not recorded: %s", job_id, exc)
+
+    try:
+        result = run_job(request, services, job_id=job_id, on_progress=report)
+    except SoftTimeLimitExceeded:
+        raise JobTimeLimitExceeded(
+            f"job {job_id} ran past its soft time limit ({services.settings.task_soft_time_limit_s} s)"
+        ) from None
+    meta = result["metadata"]
+    log.info(
+        "job %s done: engine=%s chunks=%s audio_s=%s rtf=%s",
+        job_id, meta["engine"], meta["chunks"], meta["duration"], meta.get("rtf"),
+    )  # fmt: skip
+    return result
