@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
+import socketserver
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -119,8 +122,9 @@ def start_worker(
     """Start `celery -A tts_worker worker` with extra environment, on databases of its own."""
     handles: list[WorkerHandle] = []
 
-    def start(**extra: str) -> WorkerHandle:
-        db = next(_databases)
+    def start(*, db: int | None = None, **extra: str) -> WorkerHandle:
+        """`db` (and db + 1) are the worker's broker and result databases; fresh ones by default."""
+        db = next(_databases) if db is None else db
         name = f"w{db}"
         env = {
             **base_env,
@@ -140,12 +144,25 @@ def start_worker(
 
 @pytest.fixture(scope="session")
 def tone_worker(start_worker: Callable[..., WorkerHandle]) -> WorkerHandle:
-    return start_worker(TASK_MAX_RETRIES="2", RETRY_BACKOFF_S="1")
+    return start_worker()
+
+
+@pytest.fixture(scope="session")
+def slow_worker(start_worker: Callable[..., WorkerHandle]) -> WorkerHandle:
+    """A tone worker that takes half a second per second of audio, like a busy GPU."""
+    return start_worker(TONE_RTF="0.5")
 
 
 @pytest.fixture(scope="session")
 def piper_worker(start_worker: Callable[..., WorkerHandle]) -> WorkerHandle:
-    return start_worker(TTS_ENGINE="piper")
+    """The CPU worker, on the databases the default `producer.tts` uses here."""
+    return start_worker(db=0, TTS_ENGINE="piper")
+
+
+@pytest.fixture(scope="session")
+def flaky_s3_worker(start_worker: Callable[..., WorkerHandle], dropping_proxy: str) -> WorkerHandle:
+    """A tone worker whose every upload is cut off: transient errors, retried twice, 1 s apart."""
+    return start_worker(S3_ENDPOINT_URL=dropping_proxy, TASK_MAX_RETRIES="2", RETRY_BACKOFF_S="1")
 
 
 @pytest.fixture(scope="session")
@@ -173,3 +190,39 @@ def default_producer(base_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) 
     # The app reads the environment once, on first use; every test sets the same values.
     assert producer.app.conf.broker_url == base_env["CELERY_BROKER_URL"]
     return producer.tts
+
+
+class _DropUploads(socketserver.ThreadingTCPServer):
+    """A TCP proxy to the S3 server that forwards everything but cuts every PUT halfway through."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        super().__init__(("127.0.0.1", 0), _DropUploadsHandler)
+
+
+class _DropUploadsHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        server: _DropUploads = self.server  # type: ignore[assignment]
+        first = self.request.recv(65536)
+        if first.startswith(b"PUT "):
+            self.request.close()  # mid-upload: the body never arrives
+            return
+        with socket.create_connection(server.upstream) as upstream:
+            upstream.sendall(first)
+            upstream.shutdown(socket.SHUT_WR)
+            while data := upstream.recv(65536):
+                self.request.sendall(data)
+
+
+@pytest.fixture(scope="session")
+def dropping_proxy(base_env: dict[str, str]) -> Iterator[str]:
+    host, port = base_env["S3_ENDPOINT_URL"].removeprefix("http://").split(":")
+    proxy = _DropUploads((host, int(port)))
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{proxy.server_address[1]}"
+    proxy.shutdown()
+    proxy.server_close()

@@ -50,11 +50,11 @@ def run_job(
     key = settings.s3_key_prefix + filename
     expires = request.presign_expires_s or settings.presign_expires_s
 
+    voice = _voice_inputs(request, settings)
     stored = services.storage.metadata(key)
     if stored is not None and stored.get("job-id") == job_id:
         return _result(services, key=key, filename=filename, expires=expires, meta=_decode_meta(stored))
 
-    voice = _voice_inputs(request, settings)
     started = time.perf_counter()
     chunks = _chunks(request)
     audio = _synthesize(chunks, request, services.engine, voice, on_progress)

@@ -1,0 +1,94 @@
+"""Encoding through real ffmpeg: every format decodes, with its rate, bitrate and length."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from producer.errors import EncodingError
+from producer.formats import FORMATS
+from tts_worker.encoding import encode, resample
+from tts_worker.engines.base import VoiceInputs
+from tts_worker.engines.tone import ToneEngine
+
+AUDIO = ToneEngine().synthesize("Three seconds of tones, give or take a few.", VoiceInputs())
+SECONDS = len(AUDIO) / 22050
+
+
+def probe(data: bytes) -> dict[str, str]:
+    done = subprocess.run(
+        ["ffprobe", "-v", "error", "-show_entries", "stream=codec_name,sample_rate,bit_rate",
+         "-of", "json", "-"],
+        input=data, capture_output=True, check=True,
+    )  # fmt: skip
+    info = json.loads(done.stdout)
+    return dict(info["streams"][0])
+
+
+def decode(data: bytes) -> np.ndarray:
+    done = subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", "-", "-f", "s16le", "-ac", "1", "-ar", "24000", "-"],
+        input=data, capture_output=True, check=True,
+    )  # fmt: skip
+    return np.frombuffer(done.stdout, dtype=np.int16)
+
+
+@pytest.mark.parametrize(
+    ("name", "codec", "rate", "bitrate"),
+    [
+        ("opus", "opus", 24000, "128k"),
+        ("opus", "opus", 48000, "32k"),
+        ("mp3", "mp3", 24000, "128k"),
+        ("mp3", "mp3", 44100, "192k"),
+        ("aac", "aac", 24000, "96k"),
+        ("wav", "pcm_s16le", 24000, None),
+        ("wav", "pcm_s16le", 22050, None),
+        ("flac", "flac", 16000, None),
+    ],
+)
+def test_every_format_decodes_with_its_settings(name: str, codec: str, rate: int, bitrate: str | None) -> None:
+    data = encode(AUDIO, input_rate=22050, fmt=FORMATS[name], sample_rate=rate, bitrate=bitrate)
+    info = probe(data)
+    assert info["codec_name"] == codec
+    if codec != "opus":  # Ogg Opus always decodes at 48 kHz; the encoder input rate is in its header
+        assert int(info["sample_rate"]) == rate
+    if name == "mp3":
+        assert int(info["bit_rate"]) == int(bitrate[:-1]) * 1000  # type: ignore[index]
+    pcm = decode(data)
+    assert len(pcm) / 24000 == pytest.approx(SECONDS, abs=0.08)
+    assert np.sqrt(np.mean(pcm.astype(np.float64) ** 2)) > 1000  # not silent
+
+
+@pytest.mark.parametrize("name", ["wav", "flac"])
+def test_lossless_headers_carry_the_true_length(name: str) -> None:
+    """ffmpeg writing to a pipe cannot fill these in; libsndfile writing to memory does."""
+    data = encode(AUDIO, input_rate=22050, fmt=FORMATS[name], sample_rate=24000, bitrate=None)
+    info = soundfile.info(io.BytesIO(data))
+    assert info.frames == pytest.approx(SECONDS * 24000, abs=24)
+    samples, rate = soundfile.read(io.BytesIO(data), dtype="int16")
+    assert rate == 24000 and len(samples) == info.frames
+
+
+def test_resample_keeps_duration_and_skips_matching_rates() -> None:
+    assert resample(AUDIO, input_rate=22050, sample_rate=22050) is AUDIO
+    up = resample(AUDIO, input_rate=22050, sample_rate=48000)
+    assert len(up) == pytest.approx(len(AUDIO) * 48000 / 22050, abs=48)
+
+
+def test_ffmpeg_failure_carries_its_stderr() -> None:
+    with pytest.raises(EncodingError) as caught:
+        encode(AUDIO, input_rate=22050, fmt=FORMATS["opus"], sample_rate=22050, bitrate="64k")
+    assert "sample rate 22050 is not supported" in str(caught.value)
+    assert "libopus" in str(caught.value)
+
+
+def test_missing_ffmpeg_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(EncodingError, match="cannot run ffmpeg"):
+        encode(AUDIO, input_rate=22050, fmt=FORMATS["mp3"], sample_rate=24000, bitrate="64k",
+               ffmpeg=str(tmp_path / "no-ffmpeg"))  # fmt: skip

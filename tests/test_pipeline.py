@@ -1,0 +1,148 @@
+"""The pipeline in process, against the real S3-compatible server and real ffmpeg (tone engine)."""
+
+from __future__ import annotations
+
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile
+
+from producer.errors import EncodingError, StorageError, TransientError, UnknownVoice, UnreadableText
+from producer.schema import parse_request
+from tts_worker.engines.base import Audio, VoiceInputs
+from tts_worker.engines.tone import ToneEngine
+from tts_worker.pipeline import Services, run_job
+from tts_worker.settings import Settings
+from tts_worker.storage import S3Storage
+
+TEXT = "The first sentence is here. The second one follows it! And a third, to be sure?"
+
+
+@pytest.fixture
+def settings(base_env: dict[str, str]) -> Settings:
+    return Settings.from_env(base_env)
+
+
+@pytest.fixture
+def services(settings: Settings) -> Services:
+    return Services(settings=settings, engine=ToneEngine(), storage=S3Storage(settings))
+
+
+def keys(s3: Any, prefix: str) -> list[str]:
+    return [o["Key"] for o in s3.list_objects_v2(Bucket="tts-test", Prefix=prefix).get("Contents", [])]
+
+
+def test_result_has_the_seed_shape_and_the_audio_is_there(services: Services, job_id: str) -> None:
+    progress: list[tuple[int, int]] = []
+    result = run_job(parse_request({"text": TEXT, "max_chars_per_chunk": 50}), services, job_id=job_id,
+                     on_progress=lambda done, total: progress.append((done, total)))  # fmt: skip
+    assert result["status"] == "completed"
+    assert result["filename"] == f"{job_id}.ogg" == result["s3_key"]
+    meta = result["metadata"]
+    assert {k: meta[k] for k in ("sample_rate", "codec", "bitrate", "device", "engine", "chunks")} == {
+        "sample_rate": 24000, "codec": "opus", "bitrate": "128k", "device": "cpu", "engine": "tone", "chunks": 3,
+    }  # fmt: skip
+    assert progress == [(1, 3), (2, 3), (3, 3)]
+    assert set(meta["timings"]) == {"synthesis_s", "encode_s", "upload_s"}
+    assert meta["rtf"] == pytest.approx(meta["timings"]["synthesis_s"] / meta["duration"], abs=1e-3)
+    assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in result["url"]  # SigV4, as MinIO and AWS need
+    with urllib.request.urlopen(result["url"]) as response:
+        assert response.headers["Content-Type"] == "audio/ogg"
+        assert response.read(4) == b"OggS"
+    # Three chunks of tones, crossfaded by 100 ms at the two joins.
+    chars = sum(len(c.strip()) for c in ["The first sentence is here.", "The second one follows it!",
+                                         "And a third, to be sure?"])  # fmt: skip
+    assert meta["duration"] == pytest.approx((chars * (22050 // 15) - 2 * 2205) / 22050, abs=0.001)
+
+
+def test_session_id_and_prefix_name_the_object(settings: Settings, s3: Any, job_id: str) -> None:
+    prefixed = replace(settings, s3_key_prefix="audio/")
+    services = Services(settings=prefixed, engine=ToneEngine(), storage=S3Storage(prefixed))
+    request = parse_request({"text": "Hi.", "session_id": f"s-{job_id}", "output_format": "mp3"})
+    result = run_job(request, services, job_id=job_id)
+    assert result["filename"] == f"s-{job_id}.mp3"
+    assert result["s3_key"] == f"audio/s-{job_id}.mp3"
+    assert keys(s3, f"audio/s-{job_id}") == [f"audio/s-{job_id}.mp3"]
+
+
+def test_a_redelivered_job_returns_the_stored_result_without_synthesising(
+    services: Services, job_id: str
+) -> None:
+    class Counting(ToneEngine):
+        calls = 0
+
+        def synthesize(self, text: str, voice: VoiceInputs) -> Audio:
+            Counting.calls += 1
+            return super().synthesize(text, voice)
+
+    counted = replace(services, engine=Counting())
+    request = parse_request({"text": TEXT})
+    first = run_job(request, counted, job_id=job_id)
+    second = run_job(request, counted, job_id=job_id)
+    assert Counting.calls == 1
+    assert second["s3_key"] == first["s3_key"]
+    assert second["metadata"]["duration"] == first["metadata"]["duration"]
+    assert second["metadata"]["reused"] is True
+    # Another job reusing the session id is new work, not a redelivery: it replaces the audio.
+    run_job(parse_request({"text": TEXT, "session_id": job_id}), counted, job_id="other-job")
+    assert Counting.calls == 2
+
+
+def test_voice_inputs_are_checked_and_the_result_says_they_were_not_cloned(
+    services: Services, voices_dir: Path, job_id: str
+) -> None:
+    result = run_job(parse_request({"text": "Hi.", "speaker_voice": "alice"}), services, job_id=job_id)
+    assert result["metadata"]["voice_cloning"] is False
+    assert "tone speaks with its own voice" in result["metadata"]["note"]
+    with pytest.raises(UnknownVoice, match="available: alice.wav"):
+        run_job(parse_request({"text": "Hi.", "emo_audio_prompt": "nobody"}), services, job_id=job_id)
+
+
+def test_unreadable_text_is_a_permanent_error(services: Services, job_id: str) -> None:
+    class Mute(ToneEngine):
+        def synthesize(self, text: str, voice: VoiceInputs) -> Audio:
+            return np.zeros(0, dtype=np.int16)
+
+    with pytest.raises(UnreadableText, match="chunk 1 of 1"):
+        run_job(parse_request({"text": "…"}), replace(services, engine=Mute()), job_id=job_id)
+
+
+def test_no_object_under_the_final_key_when_encoding_fails(
+    settings: Settings, s3: Any, tmp_path: Path, job_id: str
+) -> None:
+    """An ffmpeg that writes half a file and then fails: nothing may be stored."""
+    broken = tmp_path / "ffmpeg"
+    broken.write_text("#!/bin/sh\nhead -c 1000 /dev/urandom\necho 'encoder exploded' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    failing = replace(settings, ffmpeg_binary=str(broken))
+    services = Services(settings=failing, engine=ToneEngine(), storage=S3Storage(failing))
+    with pytest.raises(EncodingError, match="encoder exploded"):
+        run_job(parse_request({"text": TEXT}), services, job_id=job_id)
+    assert keys(s3, job_id) == []
+
+
+def test_no_object_under_the_final_key_when_the_upload_breaks(
+    settings: Settings, s3: Any, dropping_proxy: str, job_id: str
+) -> None:
+    flaky = replace(settings, s3_endpoint_url=dropping_proxy)
+    services = Services(settings=flaky, engine=ToneEngine(), storage=S3Storage(flaky))
+    with pytest.raises(StorageError, match=f"upload {job_id}.ogg") as caught:
+        run_job(parse_request({"text": TEXT}), services, job_id=job_id)
+    assert isinstance(caught.value, TransientError)  # so the task retries it
+    assert keys(s3, job_id) == []
+
+
+def test_wav_output_is_a_complete_file(services: Services, job_id: str, tmp_path: Path) -> None:
+    result = run_job(parse_request({"text": TEXT, "output_format": "wav", "sample_rate": 16000}), services,
+                     job_id=job_id)  # fmt: skip
+    target = tmp_path / "out.wav"
+    with urllib.request.urlopen(result["url"]) as response:
+        assert response.headers["Content-Type"] == "audio/wav"
+        target.write_bytes(response.read())
+    info = soundfile.info(str(target))
+    assert info.samplerate == 16000
+    assert info.duration == pytest.approx(result["metadata"]["duration"], abs=0.01)

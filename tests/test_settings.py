@@ -1,0 +1,79 @@
+"""Settings are read once, validated, and a bad value stops the worker naming the variable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tts_worker.settings import Settings, SettingsError
+
+MINIMAL = {"S3_BUCKET_NAME": "audio"}
+
+
+def test_defaults() -> None:
+    settings = Settings.from_env(MINIMAL)
+    assert settings.tts_engine == "piper"
+    assert settings.celery_result_backend == settings.celery_broker_url
+    assert settings.visibility_timeout_s > settings.task_time_limit_s > settings.task_soft_time_limit_s
+    assert settings.audio_voices_dir == Path("voices")
+
+
+def test_values_are_parsed() -> None:
+    settings = Settings.from_env(
+        {**MINIMAL, "USE_FP16": "true", "USE_DEEPSPEED": "0", "MAX_TOKENS_PER_SEGMENT": "200",
+         "TTS_ENGINE": "tone", "CELERY_BROKER_URL": "redis://r:6379/0", "S3_KEY_PREFIX": "tts/",
+         "TONE_RTF": "0.5"}
+    )  # fmt: skip
+    assert settings.use_fp16 is True and settings.use_deepspeed is False
+    assert settings.max_tokens_per_segment == 200
+    assert settings.celery_result_backend == "redis://r:6379/0"
+    assert (settings.s3_key_prefix, settings.tone_rtf) == ("tts/", 0.5)
+
+
+def test_secrets_stay_out_of_repr() -> None:
+    settings = Settings.from_env({**MINIMAL, "S3_SECRET_ACCESS_KEY": "hunter2", "HF_TOKEN": "hf_abc"})
+    assert "hunter2" not in repr(settings) and "hf_abc" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "S3_BUCKET_NAME is required"),
+        ({**MINIMAL, "TTS_ENGINE": "espeak"}, "TTS_ENGINE must be one of"),
+        ({**MINIMAL, "USE_FP16": "maybe"}, "USE_FP16 must be true or false"),
+        ({**MINIMAL, "MAX_TOKENS_PER_SEGMENT": "lots"}, "MAX_TOKENS_PER_SEGMENT must be an integer"),
+        ({**MINIMAL, "MAX_TOKENS_PER_SEGMENT": "5"}, "MAX_TOKENS_PER_SEGMENT must be between 20 and 2000"),
+        ({**MINIMAL, "CLEANUP_DAYS": "-1"}, "CLEANUP_DAYS must be between"),
+        ({**MINIMAL, "TONE_RTF": "nan"}, "TONE_RTF must be between"),
+        ({**MINIMAL, "TASK_TIME_LIMIT": "4000"}, "VISIBILITY_TIMEOUT (3600) must be above TASK_TIME_LIMIT"),
+        ({**MINIMAL, "TASK_SOFT_TIME_LIMIT": "1800"}, "TASK_SOFT_TIME_LIMIT (1800) must be below"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Settings.from_env(env)
+
+
+def test_worker_with_a_bad_setting_stops_at_start_naming_it(base_env: dict[str, str]) -> None:
+    env = {**base_env, "USE_FP16": "sometimes"}
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tts_worker", "worker"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "USE_FP16 must be true or false (got 'sometimes')" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_worker_without_its_bucket_stops_at_start(base_env: dict[str, str]) -> None:
+    env = {**base_env, "S3_BUCKET_NAME": "no-such-bucket"}
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tts_worker", "worker"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "bucket 'no-such-bucket'" in done.stderr and "does the bucket exist?" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,149 @@
+"""Real `celery -A tts_worker worker` processes, driven through the producer as an application would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from typing import Any
+
+import numpy as np
+import pytest
+from celery.result import AsyncResult
+
+import producer
+from producer.app import TTSTask
+from producer.errors import InvalidRequest, StorageError, UnknownVoice
+from tests.conftest import WorkerHandle
+
+pytestmark = pytest.mark.slow
+
+SPEECH = (
+    "Queues let a small team serve a large audience. Each worker loads the model once, "
+    "then takes one job at a time, for as long as there is work to do."
+)
+
+
+def decode(url: str) -> np.ndarray:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        data = response.read()
+    done = subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", "-", "-f", "s16le", "-ac", "1", "-ar", "24000", "-"],
+        input=data, capture_output=True, check=True,
+    )  # fmt: skip
+    return np.frombuffer(done.stdout, dtype=np.int16)
+
+
+def wait_for_state(result: AsyncResult, states: set[str], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while result.state not in states:
+        assert time.monotonic() < deadline, f"still {result.state} after {timeout} s"
+        time.sleep(0.05)
+
+
+def test_piper_speech_round_trip_through_the_producer(piper_worker: WorkerHandle,
+                                                      default_producer: TTSTask) -> None:
+    result = producer.tts.delay(text=SPEECH, max_chars_per_chunk=100)
+    outcome = result.get(timeout=120)
+    meta = outcome["metadata"]
+    assert (meta["engine"], meta["codec"], meta["sample_rate"], meta["chunks"]) == ("piper", "opus", 24000, 2)
+    # About 12 characters a second is ordinary speech; this text has 161.
+    assert 7 < meta["duration"] < 20
+    pcm = decode(outcome["url"])
+    assert len(pcm) / 24000 == pytest.approx(meta["duration"], abs=0.05)
+    rms_dbfs = 20 * np.log10(np.sqrt(np.mean(pcm.astype(np.float64) ** 2)) / 32768)
+    assert rms_dbfs > -35  # speech, not silence
+    assert outcome["filename"] == f"{result.id}.ogg"
+
+
+def test_synthesize_blocks_until_the_result(piper_worker: WorkerHandle, default_producer: TTSTask) -> None:
+    outcome = producer.synthesize(text="Short and sweet.", output_format="mp3", timeout=60)
+    assert outcome["status"] == "completed" and outcome["filename"].endswith(".mp3")
+    assert len(decode(outcome["url"])) > 24000 * 0.5
+
+
+def test_progress_is_reported_per_chunk(slow_worker: WorkerHandle) -> None:
+    text = " ".join(["This sentence is here to take up fifty characters."] * 3)
+    result = slow_worker.tts.delay(text=text, max_chars_per_chunk=60)
+    seen: list[dict[str, int]] = []
+    while not result.ready():
+        if result.state == "PROGRESS" and result.info not in seen:
+            seen.append(result.info)
+        time.sleep(0.05)
+    assert result.get(timeout=10)["metadata"]["chunks"] == 3
+    assert {"chunk": 1, "chunks": 3} in seen and {"chunk": 2, "chunks": 3} in seen
+
+
+RAW_BAD_REQUESTS = [
+    ({"text": ""}, "text"),
+    ({"text": "Hi.", "emo_vector": [2.0] * 8}, "emo_vector"),
+    ({"text": "Hi.", "output_format": "opus", "sample_rate": 44100}, "sample_rate"),
+    ({"text": "Hi.", "speaker_voice": "../../etc/passwd"}, "speaker_voice"),
+    ({"text": "Hi.", "speaker_voice": "nobody"}, "speaker_voice"),
+    ({"text": "Hi.", "volume": 11}, "volume"),
+    ({"txt": "Hi."}, "text"),
+]
+
+
+def test_bad_requests_sent_past_the_producer_fail_once_and_the_worker_carries_on(
+    tone_worker: WorkerHandle,
+) -> None:
+    pids = tone_worker.pool_pids()
+    results = [tone_worker.app.send_task("tts.synthesize", kwargs=fields) for fields, _ in RAW_BAD_REQUESTS]
+    results.append(tone_worker.app.send_task("tts.synthesize", args=["positional text"]))
+    good = tone_worker.tts.delay(text="Still serving.")
+    assert good.get(timeout=30)["status"] == "completed"
+    for result, (_, field) in zip(results, [*RAW_BAD_REQUESTS, ({}, "request")], strict=True):
+        with pytest.raises(InvalidRequest) as caught:  # rebuilt as the producer's own class
+            result.get(timeout=10)
+        assert field in str(caught.value)
+        assert result.state == "FAILURE"
+        assert result.retries == 0
+    with pytest.raises(UnknownVoice, match="available: alice.wav"):
+        results[4].get(timeout=1)
+    assert tone_worker.pool_pids() == pids  # the process serving jobs survived every one of them
+    assert "Retry in" not in tone_worker.process.log()
+
+
+def test_transient_storage_errors_are_retried_a_bounded_number_of_times(
+    flaky_s3_worker: WorkerHandle, s3: Any
+) -> None:
+    result = flaky_s3_worker.tts.delay(text="Upload me if you can.")
+    with pytest.raises(StorageError, match="could not upload"):
+        result.get(timeout=90)
+    assert result.retries == 2
+    log = flaky_s3_worker.process.log()
+    assert log.count(f"Task tts.synthesize[{result.id}] retry") == 2
+    assert s3.list_objects_v2(Bucket="tts-test", Prefix=result.id).get("KeyCount") == 0
+
+
+def test_a_job_whose_process_is_killed_is_completed_once_after_recovery(slow_worker: WorkerHandle,
+                                                                      s3: Any) -> None:
+    text = " ".join(["A long job that will be interrupted halfway through its work."] * 3)  # ~12 s audio
+    [child] = slow_worker.pool_pids()
+    result = slow_worker.tts.delay(text=text, max_chars_per_chunk=70)
+    wait_for_state(result, {"PROGRESS"})
+    os.kill(child, signal.SIGKILL)
+    outcome = result.get(timeout=90)
+    assert outcome["status"] == "completed"
+    assert slow_worker.pool_pids() != [child]  # a fresh child took the job over
+    log = slow_worker.process.log()
+    assert "WorkerLostError" in log or "SIGKILL" in log
+    time.sleep(1)  # give a duplicate delivery, if there were one, time to show
+    assert log.count(f"job {result.id} done") == 1 == slow_worker.process.log().count(f"job {result.id} done")
+    assert s3.list_objects_v2(Bucket="tts-test", Prefix=result.id)["KeyCount"] == 1
+
+
+def test_the_running_worker_has_the_designed_configuration(tone_worker: WorkerHandle) -> None:
+    conf = tone_worker.app.control.inspect(destination=[tone_worker.process.name], timeout=5).conf()
+    conf = conf[tone_worker.process.name]
+    assert conf["worker_concurrency"] == 1
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["task_acks_late"] is True and conf["task_reject_on_worker_lost"] is True
+    assert conf["worker_send_task_events"] is True
+    assert conf["broker_transport_options"]["visibility_timeout"] > conf["task_time_limit"]
+    assert conf["broker_transport_options"]["queue_order_strategy"] == "priority"
+    queues = tone_worker.app.control.inspect(destination=[tone_worker.process.name], timeout=5).active_queues()
+    assert [q["name"] for q in queues[tone_worker.process.name]] == ["tts", "tts.backfill"]
