@@ -74,18 +74,18 @@ class TTSTask:
             self._max_text_chars = ProducerConfig.from_env().max_text_chars
         return parse_request(fields, max_text_chars=self._max_text_chars)
 
-    def delay(self, **fields: Any) -> AsyncResult:
+    def delay(self, **fields: Any) -> AsyncResult[Any]:
         """Validate the request fields, then enqueue the job. Returns its `AsyncResult`."""
         return self.apply_async(kwargs=fields)
 
     def apply_async(
         self, args: tuple[Any, ...] | None = None, kwargs: dict[str, Any] | None = None, **options: Any
-    ) -> AsyncResult:
+    ) -> AsyncResult[Any]:
         """Like Celery's `apply_async` (`priority=`, `task_id=`, `queue=`, ...), validating `kwargs` first."""
         if args:
             raise TypeError("tts takes keyword fields only, e.g. tts.delay(text='Hello')")
         request = self.validate(kwargs or {})
-        result: AsyncResult = self.app.send_task(TASK_NAME, kwargs=request.to_message(), **options)
+        result: AsyncResult[Any] = self.app.send_task(TASK_NAME, kwargs=request.to_message(), **options)
         return result
 
 

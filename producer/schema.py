@@ -77,8 +77,7 @@ class TTSRequest(BaseModel):
             return None
         if not name or name in (".", "..") or any(c in name for c in "/\\\x00") or len(name) > 255:
             raise ValueError(
-                "must be a plain file name inside AUDIO_VOICES_DIR (no path parts, no NUL), "
-                f"got {name!r}"
+                f"must be a plain file name inside AUDIO_VOICES_DIR (no path parts, no NUL), got {name!r}"
             )
         return name
 
@@ -108,10 +107,8 @@ class TTSRequest(BaseModel):
             raise _FieldError("bitrate", str(exc)) from None
         low, high = kbps_range
         if not low <= kbps <= high:
-            raise _FieldError(
-                "bitrate",
-                f"{fmt.name} at {self.effective_sample_rate} Hz allows {low}k to {high}k (got {self.bitrate})",
-            )
+            allowed = f"{fmt.name} at {self.effective_sample_rate} Hz allows {low}k to {high}k"
+            raise _FieldError("bitrate", f"{allowed} (got {self.bitrate})")
         return self
 
     @property

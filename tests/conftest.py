@@ -105,7 +105,9 @@ class WorkerHandle:
         self.app = Celery("test-producer", set_as_current=False)
         self.app.conf.update(
             celery_contract(
-                ProducerConfig(broker_url=env["CELERY_BROKER_URL"], result_backend=env["CELERY_RESULT_BACKEND"])
+                ProducerConfig(
+                    broker_url=env["CELERY_BROKER_URL"], result_backend=env["CELERY_RESULT_BACKEND"]
+                )
             )
         )
         self.tts = TTSTask(self.app)

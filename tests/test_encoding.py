@@ -52,7 +52,9 @@ def decode(data: bytes) -> np.ndarray:
         ("flac", "flac", 16000, None),
     ],
 )
-def test_every_format_decodes_with_its_settings(name: str, codec: str, rate: int, bitrate: str | None) -> None:
+def test_every_format_decodes_with_its_settings(
+    name: str, codec: str, rate: int, bitrate: str | None
+) -> None:
     data = encode(AUDIO, input_rate=22050, fmt=FORMATS[name], sample_rate=rate, bitrate=bitrate)
     info = probe(data)
     assert info["codec_name"] == codec

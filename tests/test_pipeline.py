@@ -44,7 +44,8 @@ def test_result_has_the_seed_shape_and_the_audio_is_there(services: Services, jo
     assert result["filename"] == f"{job_id}.ogg" == result["s3_key"]
     meta = result["metadata"]
     assert {k: meta[k] for k in ("sample_rate", "codec", "bitrate", "device", "engine", "chunks")} == {
-        "sample_rate": 24000, "codec": "opus", "bitrate": "128k", "device": "cpu", "engine": "tone", "chunks": 3,
+        "sample_rate": 24000, "codec": "opus", "bitrate": "128k",
+        "device": "cpu", "engine": "tone", "chunks": 3,
     }  # fmt: skip
     assert progress == [(1, 3), (2, 3), (3, 3)]
     assert set(meta["timings"]) == {"synthesis_s", "encode_s", "upload_s"}
@@ -98,7 +99,7 @@ def test_voice_inputs_are_checked_and_the_result_says_they_were_not_cloned(
     result = run_job(parse_request({"text": "Hi.", "speaker_voice": "alice"}), services, job_id=job_id)
     assert result["metadata"]["voice_cloning"] is False
     assert "tone speaks with its own voice" in result["metadata"]["note"]
-    with pytest.raises(UnknownVoice, match="available: alice.wav"):
+    with pytest.raises(UnknownVoice, match=r"available: alice\.wav"):
         run_job(parse_request({"text": "Hi.", "emo_audio_prompt": "nobody"}), services, job_id=job_id)
 
 

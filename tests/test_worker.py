@@ -43,8 +43,9 @@ def wait_for_state(result: AsyncResult, states: set[str], timeout: float = 30) -
         time.sleep(0.05)
 
 
-def test_piper_speech_round_trip_through_the_producer(piper_worker: WorkerHandle,
-                                                      default_producer: TTSTask) -> None:
+def test_piper_speech_round_trip_through_the_producer(
+    piper_worker: WorkerHandle, default_producer: TTSTask
+) -> None:
     result = producer.tts.delay(text=SPEECH, max_chars_per_chunk=100)
     outcome = result.get(timeout=120)
     meta = outcome["metadata"]
@@ -101,7 +102,7 @@ def test_bad_requests_sent_past_the_producer_fail_once_and_the_worker_carries_on
         assert field in str(caught.value)
         assert result.state == "FAILURE"
         assert result.retries == 0
-    with pytest.raises(UnknownVoice, match="available: alice.wav"):
+    with pytest.raises(UnknownVoice, match=r"available: alice\.wav"):
         results[4].get(timeout=1)
     assert tone_worker.pool_pids() == pids  # the process serving jobs survived every one of them
     assert "Retry in" not in tone_worker.process.log()
@@ -119,8 +120,9 @@ def test_transient_storage_errors_are_retried_a_bounded_number_of_times(
     assert s3.list_objects_v2(Bucket="tts-test", Prefix=result.id).get("KeyCount") == 0
 
 
-def test_a_job_whose_process_is_killed_is_completed_once_after_recovery(slow_worker: WorkerHandle,
-                                                                      s3: Any) -> None:
+def test_a_job_whose_process_is_killed_is_completed_once_after_recovery(
+    slow_worker: WorkerHandle, s3: Any
+) -> None:
     text = " ".join(["A long job that will be interrupted halfway through its work."] * 3)  # ~12 s audio
     [child] = slow_worker.pool_pids()
     result = slow_worker.tts.delay(text=text, max_chars_per_chunk=70)
@@ -145,5 +147,7 @@ def test_the_running_worker_has_the_designed_configuration(tone_worker: WorkerHa
     assert conf["worker_send_task_events"] is True
     assert conf["broker_transport_options"]["visibility_timeout"] > conf["task_time_limit"]
     assert conf["broker_transport_options"]["queue_order_strategy"] == "priority"
-    queues = tone_worker.app.control.inspect(destination=[tone_worker.process.name], timeout=5).active_queues()
+    queues = tone_worker.app.control.inspect(
+        destination=[tone_worker.process.name], timeout=5
+    ).active_queues()
     assert [q["name"] for q in queues[tone_worker.process.name]] == ["tts", "tts.backfill"]

@@ -22,8 +22,8 @@ from kombu import Queue
 
 from producer.app import BACKFILL_QUEUE, INTERACTIVE_QUEUE, TASK_NAME, celery_contract
 from producer.config import ProducerConfig
-from producer.errors import TTSError
 from tts_worker import runtime
+from tts_worker.engines import check_engine
 from tts_worker.settings import Settings, SettingsError
 
 __all__ = ["app", "worker_config"]
@@ -82,19 +82,21 @@ def _configure(sender: Celery, **_: Any) -> None:
 
 @signals.worker_init.connect
 def _check_before_start(**_: Any) -> None:
-    """Refuse to start, with a clear message, when ffmpeg or the bucket cannot be used."""
+    """Refuse to start, with a clear message, when ffmpeg, the engine or the bucket cannot be used.
+
+    Celery logs and swallows exceptions from signal handlers, so anything that goes wrong here
+    becomes a SystemExit: a worker that cannot do its job must not start consuming."""
     settings = runtime.settings()
-    if shutil.which(settings.ffmpeg_binary) is None:
-        raise SystemExit(f"tts_worker: ffmpeg not found (FFMPEG_BINARY={settings.ffmpeg_binary!r})")
     try:
+        if shutil.which(settings.ffmpeg_binary) is None:
+            raise RuntimeError(f"ffmpeg not found (FFMPEG_BINARY={settings.ffmpeg_binary!r})")
+        check_engine(settings)
         runtime.make_storage(settings).check_bucket()
-    except TTSError as exc:
-        raise SystemExit(f"tts_worker: {exc}") from None
+    except Exception as exc:
+        raise SystemExit(f"tts_worker: cannot start: {exc}") from None
 
 
 @signals.worker_process_init.connect
 def _load_model(**_: Any) -> None:
     """Load and warm the engine in the child that serves jobs, before it takes one."""
     runtime.services()
-
-

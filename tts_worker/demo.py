@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("text", nargs="?", default=SAMPLE, help="what to say (default: a sample)")
     parser.add_argument("--engine", default="piper", choices=["piper", "tone"])
     parser.add_argument("--output-format", default="opus", choices=["opus", "mp3", "wav", "flac", "aac"])
-    parser.add_argument("--out", type=Path, default=Path("out"), help="where to save the audio (default: out/)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("out"), help="where to save the audio (default: out/)"
+    )
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stack up in {time.perf_counter() - started:.1f} s; sending the job with tts.delay(...)")
         result = tts.delay(text=args.text, output_format=args.output_format)
         while not result.ready():
-            if result.state == "PROGRESS":
+            if str(result.state) == "PROGRESS":  # our custom state, unknown to Celery's types
                 print(f"  chunk {result.info['chunk']} of {result.info['chunks']}", flush=True)
             time.sleep(0.25)
         outcome = result.get(timeout=10)
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _probe(path: Path) -> str:
     done = subprocess.run(
-        ["ffprobe", "-v", "error", "-show_entries", "format=duration:stream=codec_name", "-of", "compact", str(path)],
+        ["ffprobe", "-v", "error", "-show_entries", "format=duration:stream=codec_name",
+         "-of", "compact", str(path)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     return " ".join(done.stdout.split()) or done.stderr.strip()

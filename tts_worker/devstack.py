@@ -32,7 +32,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(ready: Callable[[], bool], *, timeout: float, what: str, process: subprocess.Popen[bytes]) -> None:
+def wait_until(
+    ready: Callable[[], bool], *, timeout: float, what: str, process: subprocess.Popen[bytes]
+) -> None:
     """Poll `ready` until it is true; fail early, with the log, if `process` exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -83,8 +85,8 @@ class RedisServer(_Process):
             raise RuntimeError("redis-server not found: install it (apt-get install redis-server)")
         self.port = free_port()
         super().__init__(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--databases", "64",
-             "--dir", str(workdir)],
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--databases", "64", "--dir", str(workdir)],
             log_path=workdir / "redis.log",
         )  # fmt: skip
         wait_until(self._pong, timeout=10, what="redis-server", process=self.process)
@@ -132,11 +134,29 @@ class S3Server(_Process):
 class WorkerProcess(_Process):
     """`celery -A tts_worker worker` exactly as an operator starts it, plus a node name and log level."""
 
-    def __init__(self, env: Mapping[str, str], *, log_path: Path, name: str = "worker", ready_timeout: float = 120):
+    def __init__(
+        self, env: Mapping[str, str], *, log_path: Path, name: str = "worker", ready_timeout: float = 120
+    ):
         self.name = f"{name}@{socket.gethostname()}"
-        command = [sys.executable, "-m", "celery", "-A", "tts_worker", "worker", "-n", self.name, "--loglevel", "INFO"]
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tts_worker",
+            "worker",
+            "-n",
+            self.name,
+            "--loglevel",
+            "INFO",
+        ]
         super().__init__(command, log_path=log_path, env=env)
-        wait_until(lambda: "ready." in self.log(), timeout=ready_timeout, what=f"worker {self.name}", process=self.process)
+        wait_until(
+            lambda: "ready." in self.log(),
+            timeout=ready_timeout,
+            what=f"worker {self.name}",
+            process=self.process,
+        )
 
 
 def stack_env(*, redis_url: str, s3_url: str, bucket: str, engine: str, **extra: str) -> dict[str, str]:
@@ -155,7 +175,9 @@ def stack_env(*, redis_url: str, s3_url: str, bucket: str, engine: str, **extra:
 
 
 @contextmanager
-def local_stack(*, engine: str = "piper", workdir: Path | None = None, **extra: str) -> Iterator[dict[str, str]]:
+def local_stack(
+    *, engine: str = "piper", workdir: Path | None = None, **extra: str
+) -> Iterator[dict[str, str]]:
     """Start Redis, S3 (with a bucket) and one worker; yield the environment that reaches them."""
     with ExitStack() as stack:
         if workdir is None:

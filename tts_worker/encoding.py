@@ -21,7 +21,12 @@ __all__ = ["encode", "resample"]
 
 
 def encode(
-    audio: Audio, *, input_rate: int, fmt: AudioFormat, sample_rate: int, bitrate: str | None,
+    audio: Audio,
+    *,
+    input_rate: int,
+    fmt: AudioFormat,
+    sample_rate: int,
+    bitrate: str | None,
     ffmpeg: str = "ffmpeg",
 ) -> bytes:
     """Mono int16 `audio` at `input_rate` -> the bytes of a complete file in `fmt`."""
@@ -40,7 +45,9 @@ def resample(audio: Audio, *, input_rate: int, sample_rate: int, ffmpeg: str = "
     """The same audio at `sample_rate`, resampled by ffmpeg (returned as is when the rates match)."""
     if input_rate == sample_rate:
         return audio
-    raw = _ffmpeg(audio, input_rate=input_rate, options=["-ar", str(sample_rate), "-f", "s16le"], ffmpeg=ffmpeg)
+    raw = _ffmpeg(
+        audio, input_rate=input_rate, options=["-ar", str(sample_rate), "-f", "s16le"], ffmpeg=ffmpeg
+    )
     return np.frombuffer(raw, dtype=np.int16)
 
 

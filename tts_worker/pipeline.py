@@ -78,7 +78,9 @@ def run_job(
 
 
 def _chunks(request: TTSRequest) -> list[str]:
-    pieces = split_text(request.text, request.max_chars_per_chunk) if request.enable_chunking else [request.text]
+    pieces = (
+        split_text(request.text, request.max_chars_per_chunk) if request.enable_chunking else [request.text]
+    )
     return [piece.strip() for piece in pieces if piece.strip()]
 
 
@@ -93,9 +95,8 @@ def _synthesize(
     for index, chunk in enumerate(chunks):
         audio = engine.synthesize(chunk, voice)
         if len(audio) == 0:
-            raise UnreadableText(
-                f"text: {engine.name} produced no audio for chunk {index + 1} of {len(chunks)} ({chunk[:60]!r})"
-            )
+            where = f"chunk {index + 1} of {len(chunks)}"
+            raise UnreadableText(f"text: {engine.name} produced no audio for {where} ({chunk[:60]!r})")
         pieces.append(audio)
         if on_progress:
             on_progress(index + 1, len(chunks))

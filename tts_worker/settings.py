@@ -150,7 +150,9 @@ class _Reader:
     def number(self, name: str, default: float, *, low: float, high: float) -> float:
         return self._bounded(name, default, float, "a number", low, high)
 
-    def _bounded(self, name: str, default: _T, parse: Callable[[str], _T], kind: str, low: _T, high: _T) -> _T:
+    def _bounded(
+        self, name: str, default: _T, parse: Callable[[str], _T], kind: str, low: _T, high: _T
+    ) -> _T:
         raw = self.environ.get(name)
         if not raw:
             return default

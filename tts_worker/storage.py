@@ -45,7 +45,7 @@ class S3Storage:
 
     def check_bucket(self) -> None:
         """Raise `StorageError` saying what is wrong if the bucket cannot be used."""
-        with self._errors("check bucket"):
+        with self._errors("use the bucket", missing="does the bucket exist?"):
             self._client.head_bucket(Bucket=self.bucket)
 
     def put(self, key: str, data: bytes, *, content_type: str, metadata: Mapping[str, str]) -> None:
@@ -75,17 +75,17 @@ class S3Storage:
         return url
 
     @contextmanager
-    def _errors(self, action: str) -> Iterator[None]:
+    def _errors(self, action: str, *, missing: str = "") -> Iterator[None]:
+        """Turn boto's errors into `StorageError`s saying what we tried, where, and what S3 answered."""
+        where = f"bucket {self.bucket!r} at {self.endpoint}"
         try:
             yield
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code") or str(_status(exc))
-            hint = " (does the bucket exist?)" if code in ("404", "NoSuchBucket") and "bucket" in action else ""
-            raise StorageError(
-                f"S3 could not {action} in bucket {self.bucket!r} at {self.endpoint}: {code}{hint}"
-            ) from exc
+            hint = f" ({missing})" if missing and _status(exc) == 404 else ""
+            raise StorageError(f"S3 could not {action} ({where}): {code}{hint}") from exc
         except BotoCoreError as exc:
-            raise StorageError(f"S3 could not {action} at {self.endpoint}: {exc}") from exc
+            raise StorageError(f"S3 could not {action} ({where}): {exc}") from exc
 
 
 def _status(exc: ClientError) -> int:

@@ -1,7 +1,8 @@
 """The Celery task `tts.synthesize`: a thin caller of the pipeline.
 
-Retries follow the error tree: `TransientError` is retried with exponential backoff and jitter,
-up to TASK_MAX_RETRIES times, waiting about RETRY_BACKOFF_S, then twice that, and so on; everything else fails at once. The worker process survives both.
+Retries follow the error tree: `TransientError` is retried with exponential backoff and full jitter,
+up to TASK_MAX_RETRIES times (waiting up to RETRY_BACKOFF_S, then up to twice that, and so on);
+everything else fails at once. The worker process survives both.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ log = logging.getLogger(__name__)
     retry_backoff_max=300,
     retry_jitter=True,
 )  # max_retries and retry_backoff come from the settings, as task annotations (see tts_worker.celery)
-def synthesize(self: Task, *args: Any, **fields: Any) -> dict[str, Any]:
+def synthesize(self: Task[Any, dict[str, Any]], *args: Any, **fields: Any) -> dict[str, Any]:
     """Validate the fields, synthesise, store, and return the result dict with the presigned URL."""
-    job_id = self.request.id
+    job_id = str(self.request.id)
     if args:
         raise InvalidRequest("request: tts.synthesize takes keyword fields only", field="request")
     services = runtime.services()

