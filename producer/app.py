@@ -21,6 +21,7 @@ __all__ = [
     "TTSTask",
     "app",
     "celery_contract",
+    "create_app",
     "synthesize",
     "tts",
 ]
@@ -48,6 +49,13 @@ def celery_contract(config: ProducerConfig) -> dict[str, Any]:
         "task_send_sent_event": True,
         "broker_connection_retry_on_startup": True,
     }
+
+
+def create_app(config: ProducerConfig, *, name: str = "producer") -> Celery:
+    """A producer app for an explicit configuration (several brokers in one process, tests, scripts)."""
+    celery_app = Celery(name, set_as_current=False)
+    celery_app.conf.update(celery_contract(config))
+    return celery_app
 
 
 app = Celery("producer", set_as_current=False)

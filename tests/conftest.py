@@ -21,9 +21,8 @@ from typing import Any
 import boto3
 import pytest
 import redis
-from celery import Celery
 
-from producer.app import TTSTask, celery_contract
+from producer.app import TTSTask, create_app
 from producer.config import ProducerConfig
 from tts_worker.devstack import LOCAL_S3_KEYS, RedisServer, S3Server, WorkerProcess, stack_env
 from tts_worker.settings import Settings
@@ -102,14 +101,7 @@ class WorkerHandle:
         self.process = process
         self.env = env
         self.settings = Settings.from_env(env)
-        self.app = Celery("test-producer", set_as_current=False)
-        self.app.conf.update(
-            celery_contract(
-                ProducerConfig(
-                    broker_url=env["CELERY_BROKER_URL"], result_backend=env["CELERY_RESULT_BACKEND"]
-                )
-            )
-        )
+        self.app = create_app(ProducerConfig.from_env(env), name=f"producer-for-{process.name}")
         self.tts = TTSTask(self.app)
 
     def pool_pids(self) -> list[int]:

@@ -33,7 +33,7 @@ ALPHABET = "abcXYZ019今天好我们-(" + SPACES + PUNCTUATION
 TOKENS = [
     "the", "quick", "brownish", "3.14", "e.g.x", "今天天气很好", "我们", " ", "  ", "\n", "\u3000",
     ". ", "! ", "?", "...", "…", '." ', "?) ", ", ", "; ", ":", " — ", "。", "！」", "？", "，", "、",
-    "；", "supercalifragilistic",
+    "；", "？！", "。。。", "?!", '!" ', "supercalifragilistic",
 ]  # fmt: skip
 
 char_soup = st.text(alphabet=ALPHABET, max_size=2500)
@@ -158,6 +158,10 @@ def test_sentence_ends(text: str, max_chars: int, expected: list[str]) -> None:
 def test_chinese_sentences_split_after_enders() -> None:
     text = "今天天气很好。我们去公园吧！你觉得怎么样？"
     assert split_text(text, 10) == ["今天天气很好。", "我们去公园吧！", "你觉得怎么样？"]
+
+
+def test_run_of_chinese_enders_is_not_split() -> None:
+    assert split_text("好。真的吗？！", 6) == ["好。", "真的吗？！"]
 
 
 def test_chinese_closing_quote_stays_with_its_sentence() -> None:
