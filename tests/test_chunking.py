@@ -27,8 +27,8 @@ CLAUSE = ",;:—"
 CJK_CLAUSE = "，；、："
 SPACES = " \n\t\u3000\u00a0"  # space, newline, tab, ideographic space, no-break space
 
-# Near-misses ride along: a hyphen, digits around full stops, brackets that close nothing.
 PUNCTUATION = ENDERS + CLOSERS + CJK_ENDERS + CJK_CLOSERS + CLAUSE + CJK_CLAUSE
+# Near-misses ride along: digits to put around full stops, a hyphen, an opening bracket.
 ALPHABET = "abcXYZ019今天好我们-(" + SPACES + PUNCTUATION
 TOKENS = [
     "the", "quick", "brownish", "3.14", "e.g.x", "今天天气很好", "我们", " ", "  ", "\n", "\u3000",

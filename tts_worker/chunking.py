@@ -30,13 +30,17 @@ _CJK_ENDERS = "\u3002\uff01\uff1f"  # ideographic full stop, fullwidth ! and ?
 _CJK_CLOSERS = "\u300d\u300f\u201d\uff09"  # corner brackets, right double quote, fullwidth )
 _CJK_CLAUSE = "\uff0c\uff1b\u3001\uff1a"  # fullwidth , and ;, ideographic comma, fullwidth :
 
-# The lookbehind lets a run of enders start a match only at its first character: without it a
-# long run followed by a letter would be retried from every position, which is quadratic.
 _SENTENCE_END = re.compile(
-    rf"(?<![.!?\u2026])[.!?\u2026]+[{_CLOSERS}]*(?=\s|\Z)|[{_CJK_ENDERS}]+[{_CJK_CLOSERS}]*"
+    # The leading lookahead only lets the engine skip ahead to candidate characters quickly.
+    # The lookbehind lets a run of enders start a match only at its first character: without it
+    # a long run followed by a letter would be retried from every position, which is quadratic.
+    rf"(?=[.!?\u2026{_CJK_ENDERS}])"
+    rf"(?:(?<![.!?\u2026])[.!?\u2026]+[{_CLOSERS}]*(?=\s|\Z)|[{_CJK_ENDERS}]+[{_CJK_CLOSERS}]*)"
 )
 _CLAUSE_END = re.compile(rf"[,;:\u2014](?=\s)|[{_CJK_CLAUSE}]")
-_WORD_END = re.compile(r"(?<=\S)(?=\s)")
+# A run of non-whitespace ends just before whitespace (or at the end of the text, which is never
+# a cut because the last chunk always fits).
+_WORD_END = re.compile(r"\S+")
 _BOUNDARIES = (_SENTENCE_END, _CLAUSE_END, _WORD_END)
 
 
