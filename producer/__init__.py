@@ -11,6 +11,8 @@ from __future__ import annotations
 from producer.app import BACKFILL_QUEUE, INTERACTIVE_QUEUE, TASK_NAME, app, synthesize, tts
 from producer.errors import (
     EncodingError,
+    EngineUnusable,
+    GPUOutOfMemory,
     InvalidRequest,
     JobTimeLimitExceeded,
     PermanentError,
@@ -27,6 +29,8 @@ __all__ = [
     "INTERACTIVE_QUEUE",
     "TASK_NAME",
     "EncodingError",
+    "EngineUnusable",
+    "GPUOutOfMemory",
     "InvalidRequest",
     "JobTimeLimitExceeded",
     "PermanentError",

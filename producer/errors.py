@@ -12,7 +12,10 @@ here because importing ``producer`` imports this module).
     │   ├── EncodingError         ffmpeg refused the audio (its stderr is in the message)
     │   └── JobTimeLimitExceeded  the job ran past its soft time limit
     └── TransientError            retried with backoff, a bounded number of times
-        └── StorageError          S3 could not be reached or refused the request
+        ├── StorageError          S3 could not be reached or refused the request
+        ├── GPUOutOfMemory        CUDA ran out of memory, even after retrying with smaller segments
+        └── EngineUnusable        the engine's device is poisoned (a CUDA device-side assert): the
+                                  worker process must be replaced before the job runs again
 
 Every class takes one message string, so that Celery can rebuild it on the client from its args.
 """
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 __all__ = [
     "EncodingError",
+    "EngineUnusable",
+    "GPUOutOfMemory",
     "InvalidRequest",
     "JobTimeLimitExceeded",
     "PermanentError",
@@ -70,3 +75,12 @@ class JobTimeLimitExceeded(PermanentError):
 
 class StorageError(TransientError):
     """The object store could not be reached or refused a request."""
+
+
+class GPUOutOfMemory(TransientError):
+    """CUDA ran out of memory on a chunk, even after freeing the cache and retrying smaller."""
+
+
+class EngineUnusable(TransientError):
+    """The engine can no longer run in this process (e.g. a CUDA device-side assert poisoned the
+    context); the process must be replaced and the job run again elsewhere."""

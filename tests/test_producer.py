@@ -69,7 +69,8 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str, str]] = [
 def test_public_api_is_pinned() -> None:
     assert sorted(producer.__all__) == sorted(
         [
-            "BACKFILL_QUEUE", "INTERACTIVE_QUEUE", "TASK_NAME", "EncodingError", "InvalidRequest",
+            "BACKFILL_QUEUE", "INTERACTIVE_QUEUE", "TASK_NAME", "EncodingError", "EngineUnusable",
+            "GPUOutOfMemory", "InvalidRequest",
             "JobTimeLimitExceeded", "PermanentError", "StorageError", "TTSError", "TTSRequest",
             "TransientError", "UnknownVoice", "UnreadableText", "app", "parse_request", "synthesize", "tts",
         ]

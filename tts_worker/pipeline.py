@@ -26,7 +26,7 @@ from tts_worker.settings import Settings
 from tts_worker.storage import S3Storage
 from tts_worker.voices import resolve_voice
 
-__all__ = ["Services", "run_job"]
+__all__ = ["Services", "run_job", "text_chunks", "voice_inputs"]
 
 ProgressCallback = Callable[[int, int], None]
 """Called as (chunks done, chunks in all) after each chunk."""
@@ -50,13 +50,13 @@ def run_job(
     key = settings.s3_key_prefix + filename
     expires = request.presign_expires_s or settings.presign_expires_s
 
-    voice = _voice_inputs(request, settings)
+    voice = voice_inputs(request, settings)
     stored = services.storage.metadata(key)
     if stored is not None and stored.get("job-id") == job_id:
         return _result(services, key=key, filename=filename, expires=expires, meta=_decode_meta(stored))
 
     started = time.perf_counter()
-    chunks = _chunks(request)
+    chunks = text_chunks(request)
     audio = _synthesize(chunks, request, services.engine, voice, on_progress)
     synthesized = time.perf_counter()
     data = encode(
@@ -77,7 +77,8 @@ def run_job(
     return _result(services, key=key, filename=filename, expires=expires, meta=meta)
 
 
-def _chunks(request: TTSRequest) -> list[str]:
+def text_chunks(request: TTSRequest) -> list[str]:
+    """The pieces of the request's text the engine speaks one by one, stripped, none empty."""
     pieces = (
         split_text(request.text, request.max_chars_per_chunk) if request.enable_chunking else [request.text]
     )
@@ -104,8 +105,9 @@ def _synthesize(
     return join_chunks(pieces, sample_rate=engine.sample_rate, crossfade_ms=crossfade)
 
 
-def _voice_inputs(request: TTSRequest, settings: Settings) -> VoiceInputs:
-    """Resolve and check the voice files (every engine does, so a bad name fails the same everywhere)."""
+def voice_inputs(request: TTSRequest, settings: Settings) -> VoiceInputs:
+    """The engine's voice inputs, with the voice files resolved and checked (by every engine, so that
+    a bad name fails the same way everywhere)."""
 
     def resolve(name: str | None, field: str) -> Any:
         if name is None:
