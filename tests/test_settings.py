@@ -41,7 +41,6 @@ def test_secrets_stay_out_of_repr() -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({}, "S3_BUCKET_NAME is required"),
         ({**MINIMAL, "TTS_ENGINE": "espeak"}, "TTS_ENGINE must be one of"),
         ({**MINIMAL, "USE_FP16": "maybe"}, "USE_FP16 must be true or false"),
         ({**MINIMAL, "MAX_TOKENS_PER_SEGMENT": "lots"}, "MAX_TOKENS_PER_SEGMENT must be an integer"),
@@ -68,6 +67,7 @@ def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None
             {"FFMPEG_BINARY": "/nowhere/ffmpeg"},
             ["cannot start: ffmpeg not found (FFMPEG_BINARY='/nowhere/ffmpeg')"],
         ),
+        ({"S3_BUCKET_NAME": ""}, ["cannot start: S3_BUCKET_NAME is required to store audio and not set"]),
         (
             {"S3_BUCKET_NAME": "no-such-bucket"},
             [

@@ -29,7 +29,8 @@ class SettingsError(ValueError):
 class Settings:
     """Everything the worker is configured with. Build it with `Settings.from_env()`."""
 
-    s3_bucket_name: str
+    s3_bucket_name: str | None = None
+    """Required to store audio (the worker checks it at start); not to fetch models."""
     celery_broker_url: str = DEFAULT_BROKER_URL
     celery_result_backend: str = DEFAULT_BROKER_URL
     s3_endpoint_url: str | None = None
@@ -70,7 +71,7 @@ class Settings:
             s3_endpoint_url=env.optional("S3_ENDPOINT_URL"),
             s3_access_key_id=env.optional("S3_ACCESS_KEY_ID"),
             s3_secret_access_key=env.optional("S3_SECRET_ACCESS_KEY"),
-            s3_bucket_name=env.required("S3_BUCKET_NAME"),
+            s3_bucket_name=env.optional("S3_BUCKET_NAME"),
             s3_region=env.text("S3_REGION", "us-east-1"),
             s3_key_prefix=env.text("S3_KEY_PREFIX", ""),
             presign_expires_s=env.integer("PRESIGN_EXPIRES_S", 3600, low=60, high=604_800),
@@ -123,12 +124,6 @@ class _Reader:
 
     def text(self, name: str, default: str) -> str:
         return self.environ.get(name) or default
-
-    def required(self, name: str) -> str:
-        value = self.optional(name)
-        if value is None:
-            raise SettingsError(f"{name} is required and not set")
-        return value
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.text(name, default)

@@ -15,7 +15,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from producer.errors import StorageError
-from tts_worker.settings import Settings
+from tts_worker.settings import Settings, SettingsError
 
 __all__ = ["S3Storage"]
 
@@ -25,6 +25,8 @@ class S3Storage:
     not survive a fork)."""
 
     def __init__(self, settings: Settings) -> None:
+        if not settings.s3_bucket_name:
+            raise SettingsError("S3_BUCKET_NAME is required to store audio and not set")
         self.bucket = settings.s3_bucket_name
         self.endpoint = settings.s3_endpoint_url or "AWS S3"
         self._client = boto3.client(
