@@ -59,6 +59,12 @@ class TTSRequest(BaseModel):
     sample_rate: int | None = None
     session_id: str | None = Field(default=None, pattern=_SESSION_ID_PATTERN)
     presign_expires_s: int | None = Field(default=None, ge=60, le=604_800)
+    # IndexTTS2's generation options; None keeps the engine's own default. Other engines ignore them.
+    interval_silence: int | None = Field(default=None, ge=0, le=2000)
+    temperature: float | None = Field(default=None, ge=0.1, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(default=None, ge=1, le=200)
+    max_mel_tokens: int | None = Field(default=None, ge=50, le=1815)
 
     @field_validator("text")
     @classmethod

@@ -13,7 +13,7 @@ import soundfile
 
 from producer.errors import EncodingError, StorageError, TransientError, UnknownVoice, UnreadableText
 from producer.schema import parse_request
-from tts_worker.engines.base import Audio, VoiceInputs
+from tts_worker.engines.base import NO_OPTIONS, Audio, GenerationOptions, VoiceInputs
 from tts_worker.engines.tone import ToneEngine
 from tts_worker.pipeline import Services, run_job
 from tts_worker.settings import Settings
@@ -76,9 +76,9 @@ def test_a_redelivered_job_returns_the_stored_result_without_synthesising(
     class Counting(ToneEngine):
         calls = 0
 
-        def synthesize(self, text: str, voice: VoiceInputs) -> Audio:
+        def synthesize(self, text: str, voice: VoiceInputs, options: GenerationOptions = NO_OPTIONS) -> Audio:
             Counting.calls += 1
-            return super().synthesize(text, voice)
+            return super().synthesize(text, voice, options)
 
     counted = replace(services, engine=Counting())
     request = parse_request({"text": TEXT})
@@ -105,7 +105,7 @@ def test_voice_inputs_are_checked_and_the_result_says_they_were_not_cloned(
 
 def test_unreadable_text_is_a_permanent_error(services: Services, job_id: str) -> None:
     class Mute(ToneEngine):
-        def synthesize(self, text: str, voice: VoiceInputs) -> Audio:
+        def synthesize(self, text: str, voice: VoiceInputs, options: GenerationOptions = NO_OPTIONS) -> Audio:
             return np.zeros(0, dtype=np.int16)
 
     with pytest.raises(UnreadableText, match="chunk 1 of 1"):

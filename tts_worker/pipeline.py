@@ -21,12 +21,12 @@ from producer.schema import TTSRequest
 from tts_worker.audio import join_chunks
 from tts_worker.chunking import split_text
 from tts_worker.encoding import encode
-from tts_worker.engines import Engine, VoiceInputs
+from tts_worker.engines import Engine, GenerationOptions, VoiceInputs
 from tts_worker.settings import Settings
 from tts_worker.storage import S3Storage
 from tts_worker.voices import resolve_voice
 
-__all__ = ["Services", "run_job", "text_chunks", "voice_inputs"]
+__all__ = ["Services", "generation_options", "run_job", "text_chunks", "voice_inputs"]
 
 ProgressCallback = Callable[[int, int], None]
 """Called as (chunks done, chunks in all) after each chunk."""
@@ -92,9 +92,10 @@ def _synthesize(
     voice: VoiceInputs,
     on_progress: ProgressCallback | None,
 ) -> np.ndarray:
+    options = generation_options(request)
     pieces = []
     for index, chunk in enumerate(chunks):
-        audio = engine.synthesize(chunk, voice)
+        audio = engine.synthesize(chunk, voice, options)
         if len(audio) == 0:
             where = f"chunk {index + 1} of {len(chunks)}"
             raise UnreadableText(f"text: {engine.name} produced no audio for {where} ({chunk[:60]!r})")
@@ -117,13 +118,24 @@ def voice_inputs(request: TTSRequest, settings: Settings) -> VoiceInputs:
         )
 
     return VoiceInputs(
-        speaker_voice=resolve(request.speaker_voice, "speaker_voice"),
+        speaker_voice=resolve(request.speaker_voice or settings.default_voice, "speaker_voice"),
         emo_audio_prompt=resolve(request.emo_audio_prompt, "emo_audio_prompt"),
         emo_vector=tuple(request.emo_vector) if request.emo_vector else None,
         emo_alpha=request.emo_alpha,
         use_emo_text=request.use_emo_text,
         emo_text=request.emo_text,
         use_random=request.use_random,
+    )
+
+
+def generation_options(request: TTSRequest) -> GenerationOptions:
+    """The request's sampling options, for engines that take them."""
+    return GenerationOptions(
+        interval_silence=request.interval_silence,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        max_mel_tokens=request.max_mel_tokens,
     )
 
 

@@ -6,8 +6,9 @@ import functools
 import logging
 import time
 
-from tts_worker.engines import VoiceInputs, load_engine
-from tts_worker.pipeline import Services
+from producer.schema import parse_request
+from tts_worker.engines import load_engine
+from tts_worker.pipeline import Services, voice_inputs
 from tts_worker.settings import Settings
 from tts_worker.storage import S3Storage
 
@@ -33,7 +34,8 @@ def services() -> Services:
     current = settings()
     started = time.perf_counter()
     engine = load_engine(current)
-    engine.synthesize("Warm-up.", VoiceInputs())
+    # One short synthesis in the default voice, so that the first job pays no lazy initialisation.
+    engine.synthesize("Warm-up.", voice_inputs(parse_request({"text": "Warm-up."}), current))
     log.info(
         "engine %s loaded and warmed up on %s in %.1f s",
         engine.name, engine.device, time.perf_counter() - started,

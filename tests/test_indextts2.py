@@ -1,0 +1,312 @@
+"""The IndexTTS2 engine against the stand-in `indextts` (tests/fake_indextts), which copies the real
+package's signatures, output shape and caching; the real model runs in the `gpu` test at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile
+
+from producer.errors import EngineUnusable, GPUOutOfMemory, InvalidRequest
+from producer.schema import parse_request
+from tts_worker.engines.base import GenerationOptions, VoiceInputs
+from tts_worker.pipeline import generation_options, voice_inputs
+from tts_worker.settings import Settings
+
+FAKE = Path(__file__).parent / "fake_indextts"
+
+
+@pytest.fixture
+def stand_in(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Import `indextts` from the stand-in for this test only."""
+    monkeypatch.syspath_prepend(str(FAKE))
+    yield
+    for name in [m for m in sys.modules if m == "indextts" or m.startswith("indextts.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def checkpoints(tmp_path: Path) -> Path:
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    (directory / "config.yaml").write_text("version: 2.0\n")
+    return directory
+
+
+@pytest.fixture
+def voices(tmp_path: Path) -> Path:
+    directory = tmp_path / "voices"
+    directory.mkdir()
+    for name, freq in [("alice", 220), ("bob", 330), ("carol", 440)]:
+        t = np.arange(16000) / 16000
+        soundfile.write(directory / f"{name}.wav", 0.3 * np.sin(2 * np.pi * freq * t), 16000)
+    return directory
+
+
+@pytest.fixture
+def settings(checkpoints: Path, voices: Path) -> Settings:
+    return Settings.from_env(
+        {"TTS_ENGINE": "indextts2", "CHECKPOINTS_DIR": str(checkpoints), "AUDIO_VOICES_DIR": str(voices),
+         "DEFAULT_VOICE": "alice", "USE_FP16": "true", "USE_CUDA_KERNEL": "true", "USE_DEEPSPEED": "false",
+         "USE_ACCEL": "true", "USE_TORCH_COMPILE": "true", "TTS_DEVICE": "cuda:1",
+         "MAX_TOKENS_PER_SEGMENT": "80"}
+    )  # fmt: skip
+
+
+def make_engine(settings: Settings) -> Any:
+    from tts_worker.engines.indextts2 import IndexTTS2Engine
+
+    return IndexTTS2Engine(settings)
+
+
+def voice(settings: Settings, **fields: Any) -> VoiceInputs:
+    return voice_inputs(parse_request({"text": "x", **fields}), settings)
+
+
+def test_model_is_built_from_the_settings(stand_in: None, settings: Settings) -> None:
+    engine = make_engine(settings)
+    model = engine._model
+    assert (engine.name, engine.sample_rate, engine.device, engine.clones_voices) == (
+        "indextts2", 22050, "cuda:1", True,
+    )  # fmt: skip
+    assert type(model).__module__ == "indextts.infer_v2"
+    engine.synthesize("Hello there.", voice(settings))
+    [call] = model.calls
+    assert call["max_text_tokens_per_segment"] == 80  # MAX_TOKENS_PER_SEGMENT really reaches infer
+    assert call["output_path"] is None  # audio in memory, no temporary file
+
+
+def test_constructor_arguments(
+    stand_in: None, settings: Settings, checkpoints: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_INDEXTTS_LOG", str(tmp_path / "calls.jsonl"))
+    make_engine(replace(settings, attn_backend="flash"))
+    [built] = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert built == {
+        "call": "__init__", "model_dir": str(checkpoints), "cfg_path": str(checkpoints / "config.yaml"),
+        "use_fp16": True, "device": "cuda:1", "use_cuda_kernel": True, "use_deepspeed": False,
+        "use_accel": True, "use_torch_compile": True, "attn_backend": "flash", "pid": os.getpid(),
+    }  # fmt: skip
+
+
+def test_every_request_field_reaches_infer(stand_in: None, settings: Settings, voices: Path) -> None:
+    engine = make_engine(settings)
+    request = parse_request(
+        {"text": "Hi.", "speaker_voice": "bob", "emo_audio_prompt": "carol.wav", "emo_alpha": 0.4,
+         "use_emo_text": True, "emo_text": "furious", "use_random": True, "interval_silence": 350,
+         "temperature": 0.6, "top_p": 0.9, "top_k": 20, "max_mel_tokens": 1200}
+    )  # fmt: skip
+    audio = engine.synthesize("Hi there.", voice_inputs(request, settings), generation_options(request))
+    [call] = engine._model.calls
+    assert call["spk_audio_prompt"] == str((voices / "bob.wav").resolve())
+    assert call["emo_audio_prompt"] == str((voices / "carol.wav").resolve())
+    assert (call["emo_alpha"], call["use_emo_text"], call["emo_text"], call["use_random"]) == (
+        0.4, True, "furious", True,
+    )  # fmt: skip
+    assert call["interval_silence"] == 350
+    assert call["generation_kwargs"] == {
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "top_k": 20,
+        "max_mel_tokens": 1200,
+    }
+    assert audio.dtype == np.int16 and audio.ndim == 1 and len(audio) == 22050 * 7 // 15
+
+
+def test_defaults_leave_the_engine_its_own(stand_in: None, settings: Settings) -> None:
+    engine = make_engine(settings)
+    engine.synthesize("Hi.", voice(settings), GenerationOptions())
+    [call] = engine._model.calls
+    assert call["generation_kwargs"] == {} and call["interval_silence"] == 200
+    assert call["spk_audio_prompt"].endswith("alice.wav")  # DEFAULT_VOICE when the request names none
+
+
+def test_emotion_vector_gets_the_web_uis_normalisation(stand_in: None, settings: Settings) -> None:
+    from tts_worker.engines.indextts2 import EMOTION_BIAS, normalize_emo_vector
+
+    small = [0.1, 0, 0, 0, 0, 0, 0, 0.2]
+    assert normalize_emo_vector(small) == pytest.approx([0.09375, 0, 0, 0, 0, 0, 0, 0.1125])
+    loud = [1.0] * 8
+    normalised = normalize_emo_vector(loud)
+    assert sum(normalised) == pytest.approx(0.8)
+    assert normalised == pytest.approx([0.8 * b / sum(EMOTION_BIAS) for b in EMOTION_BIAS])
+    engine = make_engine(settings)
+    engine.synthesize("Hi.", voice(settings, emo_vector=loud))
+    assert engine._model.calls[0]["emo_vector"] == pytest.approx(normalised)
+
+
+def test_speaker_voice_is_required_when_there_is_no_default(stand_in: None, settings: Settings) -> None:
+    engine = make_engine(settings)
+    with pytest.raises(InvalidRequest, match="speaker_voice: indextts2 speaks in a cloned voice"):
+        engine.synthesize("Hi.", VoiceInputs())
+
+
+def test_a_replaced_voice_file_is_not_served_stale(stand_in: None, settings: Settings, voices: Path) -> None:
+    engine = make_engine(settings)
+    before = engine.synthesize("Same words.", voice(settings, speaker_voice="bob"))
+    shutil.copy(voices / "carol.wav", voices / "bob.wav")  # same path, other voice
+    after = engine.synthesize("Same words.", voice(settings, speaker_voice="bob"))
+    assert engine._model.conditionings["speaker"] == 2
+    assert not np.array_equal(before, after)
+    reference = engine.synthesize("Same words.", voice(settings, speaker_voice="carol"))
+    assert np.array_equal(after, reference)  # carol's content, already conditioned: reused
+
+
+def test_alternating_voices_reuse_their_conditionings(stand_in: None, settings: Settings) -> None:
+    engine = make_engine(settings)
+    for name in ["alice", "bob", "carol"] * 4:
+        engine.synthesize("Turn by turn.", voice(settings, speaker_voice=name))
+    assert engine._model.conditionings == {"speaker": 3, "emotion": 3}
+    assert (engine.voices.speaker.hits, engine.voices.speaker.misses) == (9, 3)
+
+
+def test_without_the_lru_alternating_voices_recompute_every_time(stand_in: None, settings: Settings) -> None:
+    engine = make_engine(replace(settings, voice_cache_size=0))
+    for name in ["alice", "bob"] * 3:
+        engine.synthesize("Turn by turn.", voice(settings, speaker_voice=name))
+    assert engine._model.conditionings["speaker"] == 6
+
+
+def test_the_lru_forgets_the_least_recently_used(stand_in: None, settings: Settings) -> None:
+    engine = make_engine(replace(settings, voice_cache_size=2))
+    for name in ["alice", "bob", "carol", "alice"]:
+        engine.synthesize("x y z.", voice(settings, speaker_voice=name))
+    assert engine._model.conditionings["speaker"] == 4  # alice was evicted by carol
+    engine.synthesize("x y z.", voice(settings, speaker_voice="carol"))
+    assert engine._model.conditionings["speaker"] == 4
+
+
+def test_out_of_memory_retries_the_chunk_with_smaller_segments(
+    stand_in: None, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_INDEXTTS_OOM_ABOVE", "30")
+    engine = make_engine(settings)
+    audio = engine.synthesize("A chunk that does not fit at first.", voice(settings))
+    assert len(audio) > 0
+    assert [c["max_text_tokens_per_segment"] for c in engine._model.calls] == [80, 40, 20]
+
+
+def test_out_of_memory_that_persists_is_transient(
+    stand_in: None, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_INDEXTTS_OOM_ABOVE", "10")
+    engine = make_engine(settings)
+    with pytest.raises(GPUOutOfMemory, match="max_text_tokens_per_segment=20"):
+        engine.synthesize("Never fits.", voice(settings))
+    assert [c["max_text_tokens_per_segment"] for c in engine._model.calls] == [80, 40, 20]
+
+
+def test_a_device_side_assert_makes_the_engine_unusable(
+    stand_in: None, settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FAKE_INDEXTTS_ASSERT_ONCE", str(tmp_path / "fired"))
+    engine = make_engine(settings)
+    with pytest.raises(EngineUnusable, match="device-side assert"):
+        engine.synthesize("This <assert> breaks CUDA.", voice(settings))
+
+
+def test_punctuation_only_gives_no_audio(stand_in: None, settings: Settings) -> None:
+    engine = make_engine(settings)
+    assert len(engine.synthesize("…!", voice(settings))) == 0
+
+
+def test_worker_with_piper_never_imports_torch(base_env: dict[str, str]) -> None:
+    code = (
+        "import sys; from tts_worker import runtime; import tts_worker.celery, tts_worker.tasks;"
+        "runtime.services().engine.synthesize('Hi.', __import__('tts_worker.engines').engines.VoiceInputs());"
+        "print([m for m in ('torch', 'indextts') if m in sys.modules])"
+    )
+    env = {**base_env, "TTS_ENGINE": "piper"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _real_model_available() -> tuple[bool, str]:
+    checkpoints = Path(os.environ.get("CHECKPOINTS_DIR", "checkpoints"))
+    try:
+        import indextts  # noqa: F401
+        import torch
+    except ImportError as exc:
+        return False, f"needs the gpu extra ({exc})"
+    if not torch.cuda.is_available():
+        return False, "needs CUDA"
+    if not (checkpoints / "config.yaml").is_file():
+        return False, f"needs the IndexTTS2 checkpoints in {checkpoints} (./bootstrap models)"
+    return True, ""
+
+
+@pytest.mark.gpu
+def test_real_model_speaks(tmp_path: Path) -> None:
+    available, reason = _real_model_available()
+    if not available:
+        pytest.skip(reason)
+    voices = Path(os.environ.get("AUDIO_VOICES_DIR", "voices"))
+    settings = Settings.from_env({**os.environ, "TTS_ENGINE": "indextts2"})
+    engine = make_engine(settings)
+    request = parse_request(
+        {"text": "The real model, on a real GPU.", "speaker_voice": settings.default_voice}
+    )
+    audio = engine.synthesize(request.text, voice_inputs(request, settings), generation_options(request))
+    assert 1.0 < len(audio) / 22050 < 10
+    assert np.sqrt(np.mean(audio.astype(np.float64) ** 2)) > 300
+    assert voices.is_dir()
+
+
+@pytest.fixture(scope="module")
+def indextts2_worker(
+    start_worker: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Any, Path, Path]]:
+    """A real worker process running the indextts2 engine over the stand-in package."""
+    workdir = tmp_path_factory.mktemp("indextts2-worker")
+    (workdir / "checkpoints").mkdir()
+    (workdir / "checkpoints" / "config.yaml").write_text("version: 2.0\n")
+    calls, fired = workdir / "calls.jsonl", workdir / "assert-fired"
+    handle = start_worker(
+        TTS_ENGINE="indextts2", CHECKPOINTS_DIR=str(workdir / "checkpoints"), DEFAULT_VOICE="alice",
+        PYTHONPATH=os.pathsep.join([str(FAKE), os.environ.get("PYTHONPATH", "")]),
+        FAKE_INDEXTTS_LOG=str(calls), FAKE_INDEXTTS_ASSERT_ONCE=str(fired),
+    )  # fmt: skip
+    yield handle, calls, fired
+
+
+def logged_calls(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_worker_loads_once_in_the_child_and_warms_up_before_jobs(indextts2_worker: Any) -> None:
+    worker, calls, _ = indextts2_worker
+    for text in ["First job.", "Second job."]:
+        outcome = worker.tts.delay(text=text, speaker_voice="alice").get(timeout=60)
+        assert outcome["metadata"]["engine"] == "indextts2"
+        assert outcome["metadata"]["device"] == "cuda:0"
+    log = logged_calls(calls)
+    [child] = worker.pool_pids()
+    built = [c for c in log if c["call"] == "__init__"]
+    assert [c["pid"] for c in built] == [child]  # once, in the process serving jobs, never the parent
+    infers = [c for c in log if c["call"] == "infer" and c["pid"] == child]
+    assert [c["text"] for c in infers[:3]] == ["Warm-up.", "First job.", "Second job."]
+
+
+def test_a_poisoned_context_ends_the_process_and_the_job_completes_on_a_fresh_one(
+    indextts2_worker: Any,
+) -> None:
+    worker, calls, fired = indextts2_worker
+    [before] = worker.pool_pids()
+    outcome = worker.tts.delay(text="This <assert> breaks CUDA once.").get(timeout=90)
+    assert outcome["status"] == "completed"
+    assert fired.exists()
+    [after] = worker.pool_pids()
+    assert after != before
+    assert "the job is requeued" in worker.process.log()
+    built = [c["pid"] for c in logged_calls(calls) if c["call"] == "__init__"]
+    assert built[-1] == after  # the fresh process loaded a fresh model

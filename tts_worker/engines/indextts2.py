@@ -1,0 +1,177 @@
+"""`indextts2`: IndexTTS2 (zero-shot voice cloning with emotion control) from `indextts2-inference`.
+
+The only module that touches torch or `indextts`. One model per worker process, built from the
+settings and warmed up before the process takes a job. What it adds around `IndexTTS2.infer`:
+- audio in memory (`output_path=None` -> 22050 Hz int16), never a temporary file;
+- `MAX_TOKENS_PER_SEGMENT` really passed as `max_text_tokens_per_segment`;
+- the web UI's emotion-vector normalisation, which `infer` itself does not apply;
+- conditionings keyed on the voice file's content, several kept (see `voice_cache`);
+- CUDA out of memory: free the cache and retry the chunk with halved segments, then fail as
+  transient; a CUDA error that poisons the context (device-side assert) raises `EngineUnusable`
+  so the caller replaces the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from producer.errors import EngineUnusable, GPUOutOfMemory, InvalidRequest
+from tts_worker.engines.base import NO_OPTIONS, Audio, GenerationOptions, VoiceInputs
+from tts_worker.engines.voice_cache import ConditioningCache
+from tts_worker.settings import Settings
+
+__all__ = ["EMOTION_BIAS", "IndexTTS2Engine", "normalize_emo_vector"]
+
+log = logging.getLogger(__name__)
+
+EMOTION_BIAS = (0.9375, 0.875, 1.0, 1.0, 0.9375, 0.9375, 0.6875, 0.5625)
+"""The web UI's per-emotion weights (happy ... calm): it damps those that sound strange when strong."""
+MAX_EMOTION_SUM = 0.8
+MIN_TOKENS_PER_SEGMENT = 20
+
+
+def normalize_emo_vector(vector: Sequence[float]) -> list[float]:
+    """What IndexTTS2's web UI does to an emotion vector before `infer`: weight each emotion by
+    EMOTION_BIAS, then scale the whole down so that it sums to at most 0.8."""
+    weighted = [value * bias for value, bias in zip(vector, EMOTION_BIAS, strict=True)]
+    total = sum(weighted)
+    return [value * MAX_EMOTION_SUM / total for value in weighted] if total > MAX_EMOTION_SUM else weighted
+
+
+class IndexTTS2Engine:
+    """The `indextts2` engine."""
+
+    name = "indextts2"
+    clones_voices = True
+    sample_rate = 22050
+
+    def __init__(self, settings: Settings) -> None:
+        try:
+            from indextts.infer_v2 import IndexTTS2
+        except ImportError as exc:
+            raise RuntimeError(
+                f"TTS_ENGINE=indextts2 needs the gpu extra: pip install '.[gpu]' ({exc})"
+            ) from exc
+        self._model = IndexTTS2(**model_arguments(settings))
+        self.device = str(self._model.device)
+        self._max_tokens = settings.max_tokens_per_segment
+        self.voices = ConditioningCache(self._model, size=settings.voice_cache_size)
+
+    def synthesize(self, text: str, voice: VoiceInputs, options: GenerationOptions = NO_OPTIONS) -> Audio:
+        """Speak `text` in `voice`; raises GPUOutOfMemory or EngineUnusable for CUDA failures."""
+        if voice.speaker_voice is None:
+            raise InvalidRequest(
+                "speaker_voice: indextts2 speaks in a cloned voice: name one (or set DEFAULT_VOICE)",
+                field="speaker_voice",
+            )
+        speaker, emotion = voice.speaker_voice, _emotion_reference(voice)
+        digests = self.voices.prepare(speaker, emotion)
+        audio = self._infer_shrinking_on_oom(text, infer_arguments(voice, options))
+        self.voices.keep(speaker, emotion, digests)
+        return audio
+
+    def _infer_shrinking_on_oom(self, text: str, arguments: dict[str, Any]) -> Audio:
+        tokens = self._max_tokens
+        while True:
+            try:
+                return self._infer(text, tokens, arguments)
+            except Exception as exc:
+                if not _out_of_memory(exc):
+                    if _poisons_context(exc):
+                        raise EngineUnusable(
+                            f"CUDA failed in a way that poisons this process: {exc}"
+                        ) from exc
+                    raise
+                _free_cuda_cache()
+                if tokens <= MIN_TOKENS_PER_SEGMENT:
+                    raise GPUOutOfMemory(
+                        f"CUDA out of memory even with max_text_tokens_per_segment={tokens}: {exc}"
+                    ) from exc
+                tokens = max(MIN_TOKENS_PER_SEGMENT, tokens // 2)
+                log.warning(
+                    "CUDA out of memory; retrying the chunk with max_text_tokens_per_segment=%d", tokens
+                )
+
+    def _infer(self, text: str, tokens: int, arguments: dict[str, Any]) -> Audio:
+        result = self._model.infer(
+            text=text, output_path=None, max_text_tokens_per_segment=tokens, **arguments
+        )
+        if result is None:  # no segment to speak (e.g. punctuation only)
+            return np.zeros(0, dtype=np.int16)
+        rate, samples = result
+        if rate != self.sample_rate:
+            raise RuntimeError(f"IndexTTS2 returned {rate} Hz audio; this engine expects {self.sample_rate}")
+        return np.asarray(samples, dtype=np.int16).reshape(-1)
+
+
+def model_arguments(settings: Settings) -> dict[str, Any]:
+    """`IndexTTS2(...)` keyword arguments from the settings."""
+    arguments: dict[str, Any] = {
+        "model_dir": str(settings.checkpoints_dir),
+        "cfg_path": str(settings.checkpoints_dir / "config.yaml"),
+        "use_fp16": settings.use_fp16,
+        "device": settings.tts_device,
+        "use_cuda_kernel": settings.use_cuda_kernel,
+        "use_deepspeed": settings.use_deepspeed,
+        "use_accel": settings.use_accel,
+        "use_torch_compile": settings.use_torch_compile,
+    }
+    if settings.attn_backend:  # only recent releases know the argument
+        arguments["attn_backend"] = settings.attn_backend
+    return arguments
+
+
+def infer_arguments(voice: VoiceInputs, options: GenerationOptions) -> dict[str, Any]:
+    """`IndexTTS2.infer(...)` keyword arguments (besides text and segment size) for one request."""
+    arguments: dict[str, Any] = {
+        "spk_audio_prompt": str(voice.speaker_voice),
+        "emo_audio_prompt": str(voice.emo_audio_prompt) if voice.emo_audio_prompt else None,
+        "emo_alpha": voice.emo_alpha,
+        "emo_vector": normalize_emo_vector(voice.emo_vector) if voice.emo_vector else None,
+        "use_emo_text": voice.use_emo_text,
+        "emo_text": voice.emo_text,
+        "use_random": voice.use_random,
+    }
+    if options.interval_silence is not None:
+        arguments["interval_silence"] = options.interval_silence
+    generation = {
+        "temperature": options.temperature,
+        "top_p": options.top_p,
+        "top_k": options.top_k,
+        "max_mel_tokens": options.max_mel_tokens,
+    }
+    arguments.update({key: value for key, value in generation.items() if value is not None})
+    return arguments
+
+
+def _emotion_reference(voice: VoiceInputs) -> Path:
+    """The file IndexTTS2 takes the emotion from: the emotion prompt, unless an emotion vector or the
+    text overrides it (then, as without one, the speaker's own voice)."""
+    assert voice.speaker_voice is not None
+    overridden = voice.use_emo_text or voice.emo_vector is not None
+    return voice.emo_audio_prompt if voice.emo_audio_prompt and not overridden else voice.speaker_voice
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    # torch.OutOfMemoryError ("CUDA out of memory. Tried to allocate ..."), or a library's
+    # "CUDA error: out of memory", which frees like the first and does not poison the context.
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc)
+
+
+def _poisons_context(exc: BaseException) -> bool:
+    """After these, every later CUDA call in the process fails too: only a new process recovers."""
+    message = str(exc)
+    return "device-side assert" in message or "CUDA error" in message or "illegal memory access" in message
+
+
+def _free_cuda_cache() -> None:
+    # torch is loaded by indextts when the model runs; never import it here for its own sake.
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
