@@ -18,15 +18,18 @@ import shutil
 from typing import Any
 
 from celery import Celery, signals
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from producer.app import BACKFILL_QUEUE, INTERACTIVE_QUEUE, TASK_NAME, celery_contract
 from producer.config import ProducerConfig
-from tts_worker import runtime
+from tts_worker import metrics, runtime  # noqa: F401 - importing metrics connects its signal handlers
 from tts_worker.engines import check_engine
 from tts_worker.settings import Settings, SettingsError
 
-__all__ = ["app", "worker_config"]
+__all__ = ["QUEUES", "app", "worker_config"]
+
+QUEUES = (INTERACTIVE_QUEUE, BACKFILL_QUEUE)
+"""Consumed in this order: interactive jobs before backfill."""
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,10 @@ def worker_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": {**contract["broker_transport_options"], **visibility},
         "result_backend_transport_options": visibility,
         "visibility_timeout": settings.visibility_timeout_s,
-        "task_queues": [Queue(INTERACTIVE_QUEUE), Queue(BACKFILL_QUEUE)],
+        # Each queue with an exchange and routing key of its own: left to Celery's defaults, both
+        # would be bound to exchange "tts" with key "tts", so that a message published to that
+        # exchange (rather than straight to a queue, as Celery does) would land in both.
+        "task_queues": [Queue(name, Exchange(name), routing_key=name) for name in QUEUES],
         "worker_pool": "prefork",
         "worker_concurrency": 1,
         "worker_prefetch_multiplier": 1,
