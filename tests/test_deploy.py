@@ -50,7 +50,7 @@ def config() -> dict[str, Any]:
 
 def test_every_service_has_a_healthcheck_and_a_restart_policy(config: dict[str, Any]) -> None:
     services = config["services"]
-    assert set(services) == {"redis", "minio", "minio-init", "worker", "flower"}
+    assert set(services) == {"redis", "minio", "minio-init", "worker", "worker-gpu1", "flower"}
     for name, service in services.items():
         assert service.get("restart") in ("unless-stopped", "on-failure", "always"), name
         assert "test" in service.get("healthcheck", {}), name
@@ -72,6 +72,10 @@ def test_worker_reserves_its_gpu_and_reaches_redis_and_minio(config: dict[str, A
     assert env["S3_ENDPOINT_URL"] == "http://minio:9000" and env["TTS_ENGINE"] == "indextts2"
     assert env["CUDA_VISIBLE_DEVICES"] == "0"
     assert worker["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    second = config["services"]["worker-gpu1"]
+    assert second["profiles"] == ["gpu1"] and second["environment"]["CUDA_VISIBLE_DEVICES"] == "1"
+    assert second["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["1"]
+    assert second["environment"]["CELERY_BROKER_URL"] == env["CELERY_BROKER_URL"]
 
 
 def test_bucket_and_lifecycle_rule_are_created_at_start(config: dict[str, Any]) -> None:
