@@ -22,6 +22,7 @@ __all__ = [
     "app",
     "celery_contract",
     "create_app",
+    "shown_fields",
     "synthesize",
     "tts",
 ]
@@ -92,9 +93,20 @@ class TTSTask:
         """Like Celery's `apply_async` (`priority=`, `task_id=`, `queue=`, ...), validating `kwargs` first."""
         if args:
             raise TypeError("tts takes keyword fields only, e.g. tts.delay(text='Hello')")
-        request = self.validate(kwargs or {})
-        result: AsyncResult[Any] = self.app.send_task(TASK_NAME, kwargs=request.to_message(), **options)
+        message = self.validate(kwargs or {}).to_message()
+        result: AsyncResult[Any] = self.app.send_task(
+            TASK_NAME, kwargs=message, kwargsrepr=shown_fields(message), **options
+        )
         return result
+
+
+def shown_fields(fields: dict[str, Any]) -> str:
+    """How Flower and the worker's log show a job's fields (`kwargsrepr`): the text cut to 80 characters,
+    so that a monitoring page never carries whole documents."""
+    text = fields.get("text")
+    if isinstance(text, str) and len(text) > 80:
+        fields = {**fields, "text": text[:79] + "…"}
+    return repr(fields)
 
 
 tts = TTSTask(app)

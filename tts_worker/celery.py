@@ -18,6 +18,7 @@ import shutil
 from typing import Any
 
 from celery import Celery, signals
+from celery.app import trace
 from kombu import Exchange, Queue
 
 from producer.app import BACKFILL_QUEUE, INTERACTIVE_QUEUE, TASK_NAME, celery_contract
@@ -75,6 +76,10 @@ def worker_config(settings: Settings) -> dict[str, Any]:
 
 
 app = Celery("tts_worker", include=["tts_worker.tasks"])
+
+# Celery's success line prints the task's return value, and ours holds a presigned URL (a bearer
+# credential for the audio). Our own "job ... done" line says what an operator needs instead.
+trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
 
 
 @app.on_configure.connect

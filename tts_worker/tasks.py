@@ -19,7 +19,7 @@ from producer.app import TASK_NAME
 from producer.errors import EngineUnusable, InvalidRequest, JobTimeLimitExceeded, TransientError
 from producer.schema import parse_request
 from tts_worker import runtime
-from tts_worker.pipeline import run_job
+from tts_worker.pipeline import run_job, text_chunks
 
 __all__ = ["synthesize"]
 
@@ -40,7 +40,10 @@ def synthesize(self: Task[Any, dict[str, Any]], *args: Any, **fields: Any) -> di
         raise InvalidRequest("request: tts.synthesize takes keyword fields only", field="request")
     services = runtime.services()
     request = parse_request(fields, max_text_chars=services.settings.max_text_chars)
-    log.info("job %s start: engine=%s chars=%d", job_id, services.engine.name, len(request.text))
+    log.info(
+        "job %s start: engine=%s chars=%d chunks=%d",
+        job_id, services.engine.name, len(request.text), len(text_chunks(request)),
+    )  # fmt: skip
 
     def report(done: int, total: int) -> None:
         try:

@@ -1,0 +1,246 @@
+"""The RunPod shim with the seed's requests: in process through `handler`, and through the runpod SDK's
+own local mode (`--test_input`), against the real S3-compatible server and ffmpeg, with no broker."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+import runpod
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from producer.errors import EngineUnusable
+from tts_worker import runpod_handler, runtime
+from tts_worker.audio import join_chunks
+from tts_worker.engines.base import NO_OPTIONS, Audio, GenerationOptions, VoiceInputs
+from tts_worker.engines.tone import ToneEngine
+from tts_worker.pipeline import Services
+from tts_worker.streaming import StreamJoiner
+
+TEXT = "The first sentence is here. The second one follows it! And a third, to be sure?"
+NO_BROKER = "redis://127.0.0.1:1/0"  # nothing listens there: the shim must not need it
+
+
+@pytest.fixture
+def rp_env(base_env: dict[str, str]) -> dict[str, str]:
+    """The test stack's environment, with a broker and result backend that cannot be reached."""
+    return {**base_env, "CELERY_BROKER_URL": NO_BROKER, "CELERY_RESULT_BACKEND": NO_BROKER}
+
+
+@pytest.fixture
+def shim(rp_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """`handler` in this process on the tone engine, with fresh per-process state."""
+    for name, value in rp_env.items():
+        monkeypatch.setenv(name, value)
+    caches = (runtime.settings, runtime.services)  # tests may replace `runtime.services` itself
+    for cache in caches:
+        cache.cache_clear()
+    yield
+    for cache in caches:
+        cache.cache_clear()
+
+
+def run(fields: Any, job_id: str | None = None) -> list[dict[str, Any]]:
+    """The handler's messages; a fresh job id by default (a known one returns its stored result)."""
+    return list(runpod_handler.handler({"id": job_id or f"rp-{uuid.uuid4()}", "input": fields}))
+
+
+def fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return bytes(response.read())
+
+
+def test_a_seed_batch_request_gets_the_seed_response(shim: None, s3: Any) -> None:
+    # As the seed's clients send it: voice without extension, output_format "pcm_16" (the seed's default).
+    fields = {
+        "text": TEXT, "speaker_voice": "alice", "session_id": "seed-client-1", "output_format": "pcm_16",
+        "max_chars_per_chunk": 50, "enable_crossfade": True, "crossfade_ms": 100, "emo_alpha": 0.5,
+    }  # fmt: skip
+    [result] = run(fields)
+    assert result["status"] == "completed"
+    assert result["filename"] == "seed-client-1.ogg" == result["s3_key"]
+    meta = result["metadata"]
+    assert {k: meta[k] for k in ("sample_rate", "codec", "bitrate", "device")} == {
+        "sample_rate": 24000, "codec": "opus", "bitrate": "128k", "device": "cpu",
+    }  # fmt: skip
+    assert meta["chunks"] == 3 and meta["duration"] > 3
+    assert fetch(result["url"])[:4] == b"OggS"
+    assert s3.head_object(Bucket="tts-test", Key="seed-client-1.ogg")["ContentType"] == "audio/ogg"
+
+
+def test_without_session_id_the_object_is_named_after_the_runpod_job(shim: None) -> None:
+    [result] = run({"text": "Hello."}, job_id="sync-1234-abcd-u1")
+    assert result["filename"] == "sync-1234-abcd-u1.ogg"
+
+
+def test_our_own_fields_are_accepted_too(shim: None) -> None:
+    fields = {"text": "Hello.", "output_format": "mp3", "bitrate": "64k", "presign_expires_s": 120}
+    [result] = run(fields, job_id="rp-job-mp3")
+    assert result["filename"] == "rp-job-mp3.mp3" and result["metadata"]["bitrate"] == "64k"
+    assert "X-Amz-Expires=120" in result["url"]
+
+
+def test_progress_goes_to_runpod_per_chunk(shim: None, monkeypatch: pytest.MonkeyPatch, job_id: str) -> None:
+    sent: list[tuple[str, Any]] = []
+    monkeypatch.setattr(runpod_handler, "_ON_RUNPOD", True)
+    monkeypatch.setattr(
+        runpod.serverless, "progress_update", lambda job, data: sent.append((job["id"], data))
+    )
+    run({"text": TEXT, "max_chars_per_chunk": 50}, job_id=job_id)
+    assert sent == [(job_id, {"chunk": i, "chunks": 3}) for i in (1, 2, 3)]
+
+
+class CountingTone(ToneEngine):
+    """The tone engine, counting its calls."""
+
+    calls = 0
+
+    def synthesize(self, text: str, voice: VoiceInputs, options: GenerationOptions = NO_OPTIONS) -> Audio:
+        self.calls += 1
+        return super().synthesize(text, voice, options)
+
+
+def test_a_stream_sends_each_chunk_as_soon_as_it_is_spoken(
+    shim: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = CountingTone()
+    services = replace(runtime.services(), engine=engine)
+    monkeypatch.setattr(runtime, "services", lambda: services)
+    fields = {"text": TEXT, "stream": True, "output_format": "pcm_16", "stream_max_chars_per_chunk": 50,
+              "stream_crossfade_ms": 40, "max_chars_per_chunk": 1000}  # fmt: skip
+    messages, calls_at_first = [], None
+    for message in runpod_handler.handler({"id": "s1", "input": fields}):
+        calls_at_first = engine.calls if calls_at_first is None else calls_at_first
+        messages.append(message)
+    assert calls_at_first == 1  # the first piece left before the second chunk was synthesised
+    *pieces, done = messages
+    assert [m["chunk"] for m in pieces] == [1, 2, 3]
+    assert all(m["status"] == "streaming" and m["format"] == "pcm_16" for m in pieces)
+    assert {m["sample_rate"] for m in pieces} == {22050}
+    assert (done["status"], done["total_chunks"]) == ("complete", 3)
+    pcm = np.concatenate([np.frombuffer(base64.b64decode(m["audio_chunk"]), "<i2") for m in pieces])
+    sentences = ("The first sentence is here.", "The second one follows it!", "And a third, to be sure?")
+    spoken = [ToneEngine().synthesize(sentence, VoiceInputs()) for sentence in sentences]
+    assert np.array_equal(pcm, join_chunks(spoken, sample_rate=22050, crossfade_ms=40))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=0, max_value=3000), min_size=1, max_size=6),
+    crossfade_ms=st.integers(min_value=0, max_value=200),
+)
+def test_streamed_pieces_add_up_to_the_joined_audio(lengths: list[int], crossfade_ms: int) -> None:
+    rng = np.random.default_rng(len(lengths) * 1000 + crossfade_ms)
+    chunks = [rng.integers(-20000, 20000, n).astype(np.int16) for n in lengths]
+    joiner = StreamJoiner(sample_rate=22050, crossfade_ms=crossfade_ms)
+    pieces = [joiner.push(chunk) for chunk in chunks] + [joiner.flush()]
+    assert np.array_equal(
+        np.concatenate(pieces), join_chunks(chunks, sample_rate=22050, crossfade_ms=crossfade_ms)
+    )
+
+
+def test_the_health_check_reports_each_part_and_skips_the_broker(shim: None) -> None:
+    [report] = run({"action": "health_check"})
+    assert report["status"] == "healthy"
+    checks = report["checks"]
+    assert list(checks) == ["settings", "broker", "bucket", "ffmpeg", "engine", "model_files", "gpu"]
+    assert checks["broker"]["status"] == "skip"
+    assert {checks[name]["status"] for name in ("settings", "bucket", "ffmpeg", "engine")} == {"pass"}
+
+
+BAD_INPUTS = [
+    ({}, "text: field required"),
+    ({"text": "Hi.", "speakr_voice": "alice"}, "did you mean 'speaker_voice'"),
+    ({"text": "Hi.", "speaker_voice": "../../etc/passwd"}, "speaker_voice: must be a plain file name"),
+    ({"text": "Hi.", "speaker_voice": "nobody"}, "no voice 'nobody'"),
+    ({"text": "Hi.", "emo_vector": [0.5] * 7}, "emo_vector: needs exactly 8 values"),
+    ({"text": "Hi.", "stream": "yes"}, "stream: input should be a valid boolean"),
+    ({"text": "Hi.", "stream": True, "output_format": "mp3"}, "output_format: streaming sends 'pcm_16' only"),
+    ({"text": "Hi.", "stream": True, "stream_max_chars_per_chunk": 10}, "stream_max_chars_per_chunk"),
+    ({"text": "Hi.", "stream": True, "sample_rate": 16000}, "sample_rate: a stream is pcm_16"),
+    ({"text": "Hi.", "action": "reboot"}, "action: input should be 'health_check'"),
+    ("Hello", "input: must be an object"),
+]
+
+
+@pytest.mark.parametrize(("fields", "message"), BAD_INPUTS, ids=[m.split(":")[0] for _, m in BAD_INPUTS])
+def test_bad_input_gets_a_clear_error_and_no_traceback(shim: None, fields: Any, message: str) -> None:
+    [outcome] = run(fields)
+    assert list(outcome) == ["error"]
+    assert message in outcome["error"]
+    assert "Traceback" not in outcome["error"]
+
+
+class PoisonedEngine(ToneEngine):
+    def synthesize(self, text: str, voice: VoiceInputs, options: GenerationOptions = NO_OPTIONS) -> Audio:
+        raise EngineUnusable("CUDA error: device-side assert triggered")
+
+
+def test_an_engine_that_poisons_the_gpu_makes_runpod_replace_the_worker(
+    shim: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    services: Services = replace(runtime.services(), engine=PoisonedEngine())
+    monkeypatch.setattr(runtime, "services", lambda: services)
+    monkeypatch.setitem(runpod_handler.RUNPOD_CONFIG, "refresh_worker", False)
+    for stream in (False, True):
+        [outcome] = run({"text": "Hi.", "stream": stream})
+        assert outcome["refresh_worker"] is True and "device-side assert" in outcome["error"]
+    # A generator's output cannot carry refresh_worker: the SDK reads it from the config after the job.
+    assert runpod_handler.RUNPOD_CONFIG["refresh_worker"] is True
+    assert "Traceback" in caplog.text  # the traceback is logged, never sent
+
+
+def test_an_unexpected_error_is_named_without_a_traceback(
+    shim: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime, "services", lambda: 1 / 0)
+    [outcome] = run({"text": "Hi."})
+    assert outcome == {"error": "internal error (ZeroDivisionError): division by zero"}
+
+
+def run_locally(env: dict[str, str], test_input: dict[str, Any]) -> tuple[int, list[dict[str, Any]], str]:
+    """`python -m tts_worker.runpod_handler --test_input ...`: exit status, printed messages, all output."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tts_worker.runpod_handler", "--test_input", json.dumps(test_input)],
+        env={**env, "RUNPOD_LOG_LEVEL": "INFO"}, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    messages = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return done.returncode, messages, done.stdout + done.stderr
+
+
+def test_the_sdk_local_mode_runs_a_batch_job(rp_env: dict[str, str], s3: Any) -> None:
+    code, messages, output = run_locally(
+        rp_env, {"input": {"text": "Hello from the SDK.", "session_id": "sdk-1"}}
+    )
+    assert code == 0, output
+    [result] = messages
+    assert (result["status"], result["filename"]) == ("completed", "sdk-1.ogg")
+    assert s3.head_object(Bucket="tts-test", Key="sdk-1.ogg")["ContentLength"] > 0
+    assert "Job local_test completed successfully" in output
+
+
+def test_the_sdk_local_mode_runs_a_stream(rp_env: dict[str, str]) -> None:
+    code, messages, output = run_locally(
+        rp_env, {"input": {"text": TEXT, "stream": True, "max_chars_per_chunk": 50}}
+    )
+    assert code == 0, output
+    assert [m["status"] for m in messages] == ["streaming"] * 3 + ["complete"]
+
+
+def test_the_sdk_local_mode_fails_a_bad_request_cleanly(rp_env: dict[str, str]) -> None:
+    code, messages, output = run_locally(rp_env, {"input": {"txt": "typo"}})
+    assert code == 1
+    assert messages == [
+        {"error": "invalid request: text: field required; txt: unknown field (did you mean 'text'?)"}
+    ]
+    assert "Traceback" not in output

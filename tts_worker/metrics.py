@@ -1,0 +1,219 @@
+"""Prometheus metrics of a worker, for what Flower does not measure. Off unless METRICS_PORT is set.
+
+Then the worker's parent process serves `http://METRICS_ADDRESS:METRICS_PORT/metrics`:
+
+    tts_jobs_started_total                 counter    jobs that began running
+    tts_jobs_succeeded_total{engine}       counter
+    tts_job_failures_total{error}          counter    by error class name (UnknownVoice, StorageError, ...)
+    tts_job_retries_total{error}           counter    transient errors that were retried, by class name
+    tts_job_audio_seconds{engine}          histogram  seconds of audio per job
+    tts_job_synthesis_seconds{engine}      histogram  seconds spent synthesising per job
+    tts_job_rtf{engine}                    histogram  real-time factor: synthesis seconds / audio seconds
+    tts_queue_depth{queue}                 gauge      jobs waiting in Redis, per queue (tts, tts.backfill)
+    tts_broker_up                          gauge      1 when this scrape could read the queues, else 0
+
+Jobs run in the prefork child while the parent serves HTTP, so the metrics use prometheus_client's
+multiprocess mode: every process writes its values to files in a directory made at start (exported
+as PROMETHEUS_MULTIPROC_DIR before prometheus_client is first imported, as it requires), and a scrape
+adds them up. The queue depth is read from Redis at each scrape. A reused result (a redelivered job)
+counts as a success but adds no audio or synthesis time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis
+from celery import signals
+from kombu.transport.redis import PRIORITY_STEPS, Channel
+
+from producer.app import BACKFILL_QUEUE, INTERACTIVE_QUEUE, TASK_NAME
+from tts_worker import runtime
+from tts_worker.settings import SettingsError
+
+if TYPE_CHECKING:
+    from prometheus_client import Metric
+
+__all__ = ["QUEUES", "MetricsConfig", "QueueDepthCollector", "queue_depths"]
+
+log = logging.getLogger(__name__)
+
+QUEUES = (INTERACTIVE_QUEUE, BACKFILL_QUEUE)
+AUDIO_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
+SYNTHESIS_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
+RTF_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """METRICS_PORT (0 or unset: off) and METRICS_ADDRESS (default all interfaces)."""
+
+    port: int = 0
+    address: str = "0.0.0.0"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> MetricsConfig:
+        """Read and check the variables; raises `SettingsError` naming the bad one."""
+        raw = environ.get("METRICS_PORT") or "0"
+        if not raw.isdigit() or int(raw) > 65535:
+            raise SettingsError(f"METRICS_PORT must be a port number, or 0 for no metrics (got {raw!r})")
+        return cls(port=int(raw), address=environ.get("METRICS_ADDRESS") or "0.0.0.0")
+
+
+def queue_depths(client: redis.Redis, queues: Iterable[str] = QUEUES) -> dict[str, int]:
+    """Jobs waiting in each queue. kombu keeps a Redis queue's priorities in separate lists, named
+    `<queue>`, then `<queue>\\x06\\x16<step>` for the other steps (3, 6, 9): all of them count."""
+    names = list(queues)
+    with client.pipeline(transaction=False) as pipe:
+        for queue in names:
+            for step in PRIORITY_STEPS:
+                pipe.llen(f"{queue}{Channel.sep}{step}" if step else queue)
+        lengths = pipe.execute()
+    per_queue = len(PRIORITY_STEPS)
+    return {queue: sum(lengths[i * per_queue : (i + 1) * per_queue]) for i, queue in enumerate(names)}
+
+
+class QueueDepthCollector:
+    """A Prometheus collector that reads the queue depths from Redis at each scrape."""
+
+    def __init__(self, broker_url: str, queues: Iterable[str] = QUEUES) -> None:
+        self.queues = tuple(queues)
+        self._client = redis.Redis.from_url(broker_url, socket_connect_timeout=3, socket_timeout=3)
+
+    def collect(self) -> Iterable[Metric]:
+        """`tts_queue_depth{queue}` and `tts_broker_up`."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        up = GaugeMetricFamily("tts_broker_up", "1 when the queues could be read from Redis at this scrape")
+        try:
+            depths = queue_depths(self._client, self.queues)
+        except redis.RedisError as exc:
+            log.warning("metrics: cannot read the queue depths: %s", exc)
+            up.add_metric([], 0)
+            return [up]
+        up.add_metric([], 1)
+        depth = GaugeMetricFamily("tts_queue_depth", "Jobs waiting in Redis, per queue", labels=["queue"])
+        for queue, count in depths.items():
+            depth.add_metric([queue], count)
+        return [up, depth]
+
+
+class _Recorder:
+    """The job metrics, made once the multiprocess directory is known."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Histogram
+
+        self.started = Counter("tts_jobs_started", "Jobs that began running")
+        self.succeeded = Counter("tts_jobs_succeeded", "Jobs that succeeded", ["engine"])
+        self.failures = Counter("tts_job_failures", "Jobs that failed, by error class", ["error"])
+        self.retries = Counter("tts_job_retries", "Transient errors retried, by error class", ["error"])
+        self.audio = Histogram("tts_job_audio_seconds", "Audio per job", ["engine"], buckets=AUDIO_BUCKETS)
+        self.synthesis = Histogram(
+            "tts_job_synthesis_seconds", "Synthesis time per job", ["engine"], buckets=SYNTHESIS_BUCKETS
+        )
+        self.rtf = Histogram("tts_job_rtf", "Synthesis time over audio time", ["engine"], buckets=RTF_BUCKETS)
+
+    def succeeded_with(self, result: Mapping[str, Any]) -> None:
+        meta = result.get("metadata") or {}
+        engine = str(meta.get("engine", "unknown"))
+        self.succeeded.labels(engine).inc()
+        synthesis = (meta.get("timings") or {}).get("synthesis_s")
+        if meta.get("reused") or synthesis is None:
+            return
+        self.audio.labels(engine).observe(float(meta.get("duration", 0)))
+        self.synthesis.labels(engine).observe(float(synthesis))
+        if meta.get("rtf") is not None:
+            self.rtf.labels(engine).observe(float(meta["rtf"]))
+
+
+class _State:
+    """What this worker process set up; nothing until `worker_init` finds METRICS_PORT set."""
+
+    config = MetricsConfig()
+    directory: str | None = None
+    recorder: _Recorder | None = None
+
+
+@signals.worker_init.connect
+def _prepare(**_: Any) -> None:
+    """In the parent, before the pool forks: make the directory and the metrics the children inherit."""
+    try:
+        _State.config = MetricsConfig.from_env()
+    except SettingsError as exc:
+        raise SystemExit(f"tts_worker: bad setting: {exc}") from None
+    if not _State.config.port:
+        return
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise SystemExit("tts_worker: METRICS_PORT needs prometheus-client: pip install '.[monitoring]'")
+    _State.directory = tempfile.mkdtemp(prefix="tts-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _State.directory
+    from prometheus_client import values
+
+    # prometheus_client picks its value store when first imported, and Celery's command line has
+    # imported it already when Flower is installed (Flower registers a `celery flower` command):
+    # choose again, now that the directory is set, before any metric exists.
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    _State.recorder = _Recorder()
+
+
+@signals.worker_ready.connect
+def _serve(**_: Any) -> None:
+    """Serve /metrics from the parent, once the pool has forked (so no child inherits the thread)."""
+    if _State.directory is None:
+        return
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=_State.directory)  # type: ignore[no-untyped-call]
+    registry.register(QueueDepthCollector(runtime.settings().celery_broker_url))
+    config = _State.config
+    try:
+        start_http_server(config.port, addr=config.address, registry=registry)
+    except OSError as exc:  # metrics are worth a log line, not a GPU worker
+        log.error("metrics: cannot serve on %s:%d: %s", config.address, config.port, exc)
+        return
+    log.info("metrics: serving http://%s:%d/metrics", config.address, config.port)
+
+
+@signals.worker_shutdown.connect
+def _clean_up(**_: Any) -> None:
+    if _State.directory is not None:
+        shutil.rmtree(_State.directory, ignore_errors=True)
+
+
+def _ours(sender: Any) -> _Recorder | None:
+    return _State.recorder if getattr(sender, "name", None) == TASK_NAME else None
+
+
+@signals.task_prerun.connect
+def _started(sender: Any = None, **_: Any) -> None:
+    if recorder := _ours(sender):
+        recorder.started.inc()
+
+
+@signals.task_success.connect
+def _succeeded(sender: Any = None, result: Any = None, **_: Any) -> None:
+    if (recorder := _ours(sender)) and isinstance(result, Mapping):
+        recorder.succeeded_with(result)
+
+
+@signals.task_failure.connect
+def _failed(sender: Any = None, exception: BaseException | None = None, **_: Any) -> None:
+    if recorder := _ours(sender):
+        recorder.failures.labels(type(exception).__name__).inc()
+
+
+@signals.task_retry.connect
+def _retried(sender: Any = None, reason: Any = None, **_: Any) -> None:
+    if recorder := _ours(sender):
+        cause = getattr(reason, "exc", None) or reason  # celery's Retry wraps the error that caused it
+        recorder.retries.labels(type(cause).__name__).inc()

@@ -1,0 +1,115 @@
+"""Streaming synthesis: 16-bit PCM sent piece by piece, each as soon as its chunk of text is spoken.
+
+This is the RunPod shim's `stream: true` mode, kept from the seed: nothing is encoded or stored, and
+the first piece leaves as soon as the first chunk exists. Pieces are at the engine's own rate (22050 Hz
+for IndexTTS2 and Piper), which every message states in `sample_rate`, as the seed's did; resampling
+piece by piece would put a filter edge at every seam.
+
+Crossfades follow `join_chunks` exactly: each piece holds back the samples that the next chunk may
+still blend with, so the pieces laid end to end equal the batch pipeline's joined audio.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from producer.errors import UnreadableText
+from producer.schema import TTSRequest
+from tts_worker.engines import Audio
+from tts_worker.pipeline import Services, generation_options, text_chunks, voice_inputs
+
+__all__ = ["PCM_FORMAT", "StreamJoiner", "stream_pcm"]
+
+PCM_FORMAT = "pcm_16"
+"""The seed's name for mono signed 16-bit little-endian PCM."""
+
+
+class StreamJoiner:
+    """Crossfades chunks as they arrive and hands out every sample that no later chunk can change."""
+
+    def __init__(self, *, sample_rate: int, crossfade_ms: int) -> None:
+        self._crossfade = crossfade_ms * sample_rate // 1000
+        self._held: npt.NDArray[np.float32] = np.zeros(0, dtype=np.float32)
+        self._joined = 0  # samples joined so far, handed out or held
+
+    def push(self, chunk: Audio) -> Audio:
+        """Join one chunk; returns the samples that are final now (possibly none)."""
+        if len(chunk) == 0:
+            return np.zeros(0, dtype=np.int16)
+        tail = chunk.astype(np.float32)
+        if self._joined:
+            # As join_chunks: the overlap is capped by half of each side (the held part already is).
+            overlap = min(len(self._held), len(tail) // 2)
+            tail = _crossfade(self._held, tail, overlap)
+            self._joined += len(chunk) - overlap
+        else:
+            self._joined = len(chunk)
+        keep = min(self._crossfade, self._joined // 2)
+        ready, self._held = tail[: len(tail) - keep], tail[len(tail) - keep :]
+        return _to_int16(ready)
+
+    def flush(self) -> Audio:
+        """The samples still held back (after the last chunk)."""
+        held, self._held = self._held, np.zeros(0, dtype=np.float32)
+        return _to_int16(held)
+
+
+def stream_pcm(request: TTSRequest, services: Services) -> Iterator[dict[str, Any]]:
+    """Synthesise chunk by chunk, yielding the seed's `streaming` messages, then its `complete` one."""
+    engine = services.engine
+    voice, options = voice_inputs(request, services.settings), generation_options(request)
+    chunks = text_chunks(request)
+    crossfade = request.crossfade_ms if request.enable_crossfade else 0
+    joiner = StreamJoiner(sample_rate=engine.sample_rate, crossfade_ms=crossfade)
+    sent = samples = 0
+    for index, text in enumerate(chunks):
+        audio = engine.synthesize(text, voice, options)
+        if len(audio) == 0:
+            where = f"chunk {index + 1} of {len(chunks)}"
+            raise UnreadableText(f"text: {engine.name} produced no audio for {where} ({text[:60]!r})")
+        piece = joiner.push(audio)
+        if index == len(chunks) - 1:  # nothing follows: send what was held back with it, as the seed did
+            piece = np.concatenate([piece, joiner.flush()])
+        if len(piece):
+            sent, samples = sent + 1, samples + len(piece)
+            yield _pcm_message(piece, chunk=sent, sample_rate=engine.sample_rate)
+    yield {
+        "status": "complete",
+        "format": PCM_FORMAT,
+        "message": "All chunks streamed",
+        "total_chunks": sent,
+        "sample_rate": engine.sample_rate,
+        "duration": round(samples / engine.sample_rate, 3),
+    }
+
+
+def _pcm_message(audio: Audio, *, chunk: int, sample_rate: int) -> dict[str, Any]:
+    """One `streaming` message: base64 of little-endian int16 samples, numbered from 1."""
+    return {
+        "status": "streaming",
+        "chunk": chunk,
+        "format": PCM_FORMAT,
+        "audio_chunk": base64.b64encode(audio.astype("<i2").tobytes()).decode("ascii"),
+        "sample_rate": sample_rate,
+    }
+
+
+def _crossfade(
+    head: npt.NDArray[np.float32], tail: npt.NDArray[np.float32], overlap: int
+) -> npt.NDArray[np.float32]:
+    """`head` then `tail`, the last `overlap` samples of one blended with the first of the other under
+    the same cos/sin gains as `join_chunks` (computed the same way, so the samples match exactly)."""
+    if overlap <= 0:
+        return np.concatenate([head, tail])
+    t = np.linspace(0.0, np.pi / 2, overlap, dtype=np.float32)
+    mixed = head[-overlap:] * np.cos(t) + tail[:overlap] * np.sin(t)
+    return np.concatenate([head[:-overlap], mixed, tail[overlap:]])
+
+
+def _to_int16(samples: npt.NDArray[np.float32]) -> Audio:
+    return np.clip(np.rint(samples), -32768, 32767).astype(np.int16)
