@@ -85,7 +85,9 @@ def test_bucket_and_lifecycle_rule_are_created_at_start(config: dict[str, Any]) 
 
 
 def test_flower_needs_basic_auth(config: dict[str, Any]) -> None:
-    assert "--basic-auth=operator:change-me-flower" in config["services"]["flower"]["command"]
+    flower = config["services"]["flower"]
+    assert flower["entrypoint"] == ["python", "-m", "tts_worker", "flower"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"] == "operator:change-me-flower"
 
 
 def test_missing_secrets_are_refused(tmp_path: Path) -> None:
@@ -105,6 +107,9 @@ def test_dockerfile_runs_the_bootstrap_entry_point_as_a_non_root_user() -> None:
     assert "\nUSER tts\n" in dockerfile
     assert 'CMD ["--hostname", "worker@%h"' in dockerfile
     assert 'inspect ping --destination "worker@$(hostname)"' in dockerfile
+    assert "python -m tts_worker check" in dockerfile
+    assert dockerfile.rstrip().splitlines()[-1].startswith("CMD")  # the worker is the default target
+    assert 'ENTRYPOINT ["tini", "--", "/app/bootstrap", "runpod"]' in dockerfile
     for copied in ("docker/constraints-gpu.txt", "pyproject.toml", "producer", "tts_worker", "bootstrap"):
         assert (ROOT / copied).exists(), copied
 
@@ -135,9 +140,29 @@ def test_the_image_entry_point_starts_a_worker_that_the_healthcheck_reaches(
         healthy = subprocess.run([sys.executable, "-m", *ping], env=env, capture_output=True, text=True)
         assert healthy.returncode == 0, healthy.stdout + healthy.stderr
         assert "pong" in healthy.stdout
+        checked = subprocess.run(
+            [sys.executable, "-m", "tts_worker", "check"], env=env, capture_output=True, text=True
+        )
+        assert checked.returncode == 0, checked.stdout + checked.stderr
     finally:
         process.terminate()
         process.wait(30)
         log.close()
     dead = subprocess.run([sys.executable, "-m", *ping], env=env, capture_output=True, text=True)
     assert dead.returncode != 0  # a stopped worker fails the healthcheck
+
+
+def test_the_runpod_entry_point_runs_the_handler(base_env: dict[str, str], tmp_path: Path) -> None:
+    """The runpod image's entry point, with the SDK's local test mode."""
+    env = {
+        **base_env,
+        "AUDIO_VOICES_DIR": str(tmp_path / "voices"),
+        "OUTPUT_AUDIO_DIR": str(tmp_path / "out"),
+    }
+    job = '{"input": {"text": "Hello from the entry point.", "session_id": "entry-point"}}'
+    done = subprocess.run(
+        [str(ROOT / "bootstrap"), "runpod", "--test_input", job],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert '"status": "completed"' in done.stdout and "entry-point.ogg" in done.stdout
