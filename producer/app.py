@@ -17,6 +17,7 @@ from producer.schema import TTSRequest, parse_request
 __all__ = [
     "BACKFILL_QUEUE",
     "INTERACTIVE_QUEUE",
+    "QUEUES",
     "TASK_NAME",
     "TTSTask",
     "app",
@@ -32,6 +33,8 @@ INTERACTIVE_QUEUE = "tts"
 """Where `tts.delay` sends jobs; workers read it before the backfill queue."""
 BACKFILL_QUEUE = "tts.backfill"
 """Where batch backfills send jobs, so that interactive calls are never stuck behind them."""
+QUEUES = (INTERACTIVE_QUEUE, BACKFILL_QUEUE)
+"""Every queue the project sends to, in the order workers read them."""
 
 
 def celery_contract(config: ProducerConfig) -> dict[str, Any]:

@@ -21,16 +21,13 @@ from celery import Celery, signals
 from celery.app import trace
 from kombu import Exchange, Queue
 
-from producer.app import BACKFILL_QUEUE, INTERACTIVE_QUEUE, TASK_NAME, celery_contract
+from producer.app import QUEUES, TASK_NAME, celery_contract
 from producer.config import ProducerConfig
 from tts_worker import metrics, runtime  # noqa: F401 - importing metrics connects its signal handlers
 from tts_worker.engines import check_engine
 from tts_worker.settings import Settings, SettingsError
 
-__all__ = ["QUEUES", "app", "worker_config"]
-
-QUEUES = (INTERACTIVE_QUEUE, BACKFILL_QUEUE)
-"""Consumed in this order: interactive jobs before backfill."""
+__all__ = ["app", "worker_config"]
 
 log = logging.getLogger(__name__)
 

@@ -27,44 +27,25 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import signals
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
-from producer.app import BACKFILL_QUEUE, INTERACTIVE_QUEUE, TASK_NAME
+from producer.app import QUEUES, TASK_NAME
 from tts_worker import runtime
-from tts_worker.settings import SettingsError
 
 if TYPE_CHECKING:
     from prometheus_client import Metric
 
-__all__ = ["QUEUES", "MetricsConfig", "QueueDepthCollector", "queue_depths"]
+__all__ = ["QueueDepthCollector", "queue_depths"]
 
 log = logging.getLogger(__name__)
 
-QUEUES = (INTERACTIVE_QUEUE, BACKFILL_QUEUE)
 AUDIO_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800)
 SYNTHESIS_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 RTF_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5)
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    """METRICS_PORT (0 or unset: off) and METRICS_ADDRESS (default all interfaces)."""
-
-    port: int = 0
-    address: str = "0.0.0.0"
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> MetricsConfig:
-        """Read and check the variables; raises `SettingsError` naming the bad one."""
-        raw = environ.get("METRICS_PORT") or "0"
-        if not raw.isdigit() or int(raw) > 65535:
-            raise SettingsError(f"METRICS_PORT must be a port number, or 0 for no metrics (got {raw!r})")
-        return cls(port=int(raw), address=environ.get("METRICS_ADDRESS") or "0.0.0.0")
 
 
 def queue_depths(client: redis.Redis, queues: Iterable[str] = QUEUES) -> dict[str, int]:
@@ -137,7 +118,6 @@ class _Recorder:
 class _State:
     """What this worker process set up; nothing until `worker_init` finds METRICS_PORT set."""
 
-    config = MetricsConfig()
     directory: str | None = None
     recorder: _Recorder | None = None
 
@@ -145,11 +125,7 @@ class _State:
 @signals.worker_init.connect
 def _prepare(**_: Any) -> None:
     """In the parent, before the pool forks: make the directory and the metrics the children inherit."""
-    try:
-        _State.config = MetricsConfig.from_env()
-    except SettingsError as exc:
-        raise SystemExit(f"tts_worker: bad setting: {exc}") from None
-    if not _State.config.port:
+    if not runtime.settings().metrics_port:
         return
     if importlib.util.find_spec("prometheus_client") is None:
         raise SystemExit("tts_worker: METRICS_PORT needs prometheus-client: pip install '.[monitoring]'")
@@ -175,13 +151,13 @@ def _serve(**_: Any) -> None:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=_State.directory)  # type: ignore[no-untyped-call]
     registry.register(QueueDepthCollector(runtime.settings().celery_broker_url))
-    config = _State.config
+    address, port = runtime.settings().metrics_address, runtime.settings().metrics_port
     try:
-        start_http_server(config.port, addr=config.address, registry=registry)
+        start_http_server(port, addr=address, registry=registry)
     except OSError as exc:  # metrics are worth a log line, not a GPU worker
-        log.error("metrics: cannot serve on %s:%d: %s", config.address, config.port, exc)
+        log.error("metrics: cannot serve on %s:%d: %s", address, port, exc)
         return
-    log.info("metrics: serving http://%s:%d/metrics", config.address, config.port)
+    log.info("metrics: serving http://%s:%d/metrics", address, port)
 
 
 @signals.worker_shutdown.connect

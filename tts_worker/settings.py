@@ -66,6 +66,8 @@ class Settings:
     model_load_timeout_s: int = 900
     ffmpeg_binary: str = "ffmpeg"
     tone_rtf: float = 0.0
+    metrics_port: int = 0
+    metrics_address: str = "0.0.0.0"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -108,6 +110,8 @@ class Settings:
             model_load_timeout_s=env.integer("MODEL_LOAD_TIMEOUT", 900, low=10, high=7200),
             ffmpeg_binary=env.text("FFMPEG_BINARY", "ffmpeg"),
             tone_rtf=env.number("TONE_RTF", 0.0, low=0.0, high=100.0),
+            metrics_port=env.integer("METRICS_PORT", 0, low=0, high=65535),
+            metrics_address=env.text("METRICS_ADDRESS", "0.0.0.0"),
         )
         settings.check_time_limits()
         return settings

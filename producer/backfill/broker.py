@@ -1,0 +1,98 @@
+"""Publishing task messages in batches, and finding a message already in the broker by task id.
+
+Publishing: one producer connection, kombu's `Producer.batch()` (kombu >= 5.7), so that the Redis
+commands of a whole batch (each message's LPUSH and its `task-sent` event) travel in one round trip.
+Messages are made by Celery's own `create_task_message` and `send_task_message`, so they are the
+normal protocol-2 messages that `tts.apply_async` sends, with `queue` and `priority`. Skipped on
+purpose: `send_task`'s per-task subscription to the result channel (two round trips per message,
+for an `AsyncResult.get()` we never call) and per-message queue declaration (declared once here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis
+from celery import Celery
+from kombu.transport.redis import PRIORITY_STEPS, Channel
+
+from producer.app import TASK_NAME
+
+__all__ = ["Publisher", "find_queued"]
+
+
+class Publisher:
+    """Sends `tts.synthesize` messages with fixed task ids to one queue at one priority."""
+
+    def __init__(self, app: Celery, *, queue: str, priority: int) -> None:
+        self.app = app
+        self.queue_name = queue
+        self.priority = priority
+        self._queue = app.amqp.queues[queue]
+        self._sent_event = bool(app.conf.task_send_sent_event)
+        self._declared = False
+
+    def publish(self, jobs: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Send every (task id, kwargs) in one batch; raises (sending none of the unflushed) on error."""
+        if not jobs:
+            return
+        amqp = self.app.amqp
+        with self.app.producer_or_acquire() as producer:
+            if not self._declared:
+                producer.maybe_declare(self._queue)
+                self._declared = True
+            # Two transport operations per message: the LPUSH and the task-sent event. Before kombu
+            # 5.7 there is no batch(): messages then go one by one, on the same connection.
+            batch = getattr(producer, "batch", None)
+            with batch(max_size=2 * len(jobs) + 2) if batch else contextlib.nullcontext():
+                for task_id, kwargs in jobs:
+                    message = amqp.create_task_message(
+                        task_id, TASK_NAME, (), kwargs, create_sent_event=self._sent_event
+                    )
+                    amqp.send_task_message(
+                        producer, TASK_NAME, message, queue=self._queue, priority=self.priority,
+                        retry=False, declare=[],
+                    )  # fmt: skip
+
+
+_TASK_ID = re.compile(rb'"id": "([^"\\]+)"')
+"""The task id in a stored message: `"id"` is a key only in the headers (the body is base64, and
+quotes inside other strings are escaped), so this finds exactly the message's own id."""
+
+
+def find_queued(client: redis.Redis, queues: Iterable[str], task_ids: Iterable[str]) -> set[str]:
+    """Which of `task_ids` have a message waiting in one of `queues` (any priority) or delivered to
+    a worker and not yet acknowledged. Reads every message: meant for a handful of ids, rarely."""
+    wanted = {task_id.encode() for task_id in task_ids}
+    found: set[bytes] = set()
+    for queue in set(queues):
+        for key in _priority_keys(queue):
+            found |= _scan_list(client, key, wanted)
+    # A message moves from its list to the unacked hash when a worker takes it: look there after.
+    for raw in client.hvals(Channel.unacked_key):
+        found |= wanted.intersection(_TASK_ID.findall(_bytes(raw)))
+    return {task_id.decode() for task_id in found}
+
+
+def _priority_keys(queue: str) -> list[str]:
+    """The Redis lists of `queue`, one per priority step, named as kombu's Redis transport names them."""
+    return [queue if step == 0 else f"{queue}{Channel.sep}{step}" for step in PRIORITY_STEPS]
+
+
+def _scan_list(client: redis.Redis, key: str, wanted: set[bytes], chunk: int = 1000) -> set[bytes]:
+    found: set[bytes] = set()
+    start = 0
+    # Until a read comes back empty (not up to a length read first): LPUSHes meanwhile shift
+    # messages further along, and a message may be read twice but is never skipped.
+    while batch := client.lrange(key, start, start + chunk - 1):
+        for raw in batch:
+            found |= wanted.intersection(_TASK_ID.findall(_bytes(raw)))
+        start += chunk
+    return found
+
+
+def _bytes(raw: bytes | str) -> bytes:
+    return raw if isinstance(raw, bytes) else raw.encode()

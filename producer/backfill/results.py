@@ -1,0 +1,94 @@
+"""Task states and outcomes, read from the result backend many at a time.
+
+One MGET per few hundred tasks instead of an `AsyncResult` per task: a backfill follows up to
+`--max-in-flight` jobs at once. A task that has no result yet reads as PENDING (Celery stores nothing
+for a task that is only queued).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery, states
+from celery.backends.base import BaseKeyValueStoreBackend
+
+__all__ = ["Outcome", "ResultReader", "TaskState"]
+
+_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a finished task ended, in the manifest's terms."""
+
+    status: str  # "completed" or "failed"
+    url: str | None = None
+    s3_key: str | None = None
+    duration: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """A task's Celery state, and its outcome once it is ready."""
+
+    state: str
+    outcome: Outcome | None = None
+
+    @property
+    def ready(self) -> bool:
+        """True once the task has finished, one way or the other."""
+        return self.outcome is not None
+
+
+PENDING = TaskState(states.PENDING)
+
+
+class ResultReader:
+    """Reads the states of many tasks at once from the app's (Redis) result backend."""
+
+    def __init__(self, app: Celery) -> None:
+        backend = app.backend
+        if not isinstance(backend, BaseKeyValueStoreBackend):
+            raise ValueError(f"tts-backfill needs a Redis result backend (got {type(backend).__name__})")
+        self.backend = backend
+
+    def states(self, task_ids: Sequence[str]) -> list[TaskState]:
+        """The state of each task, in order."""
+        found: list[TaskState] = []
+        for start in range(0, len(task_ids), _CHUNK):
+            keys = [self.backend.get_key_for_task(t) for t in task_ids[start : start + _CHUNK]]
+            found += [
+                PENDING if raw is None else _state(self.backend.decode(raw))
+                for raw in self.backend.mget(keys)
+            ]
+        return found
+
+
+def _state(meta: dict[str, Any]) -> TaskState:
+    state = str(meta.get("status", states.PENDING))
+    result = meta.get("result")
+    if state == states.SUCCESS:
+        return TaskState(state, _completed(result))
+    if state in states.READY_STATES:
+        return TaskState(state, Outcome("failed", error=_error(state, result)))
+    return TaskState(state)
+
+
+def _completed(result: Any) -> Outcome:
+    if not isinstance(result, dict) or result.get("status") != "completed":
+        return Outcome("failed", error=f"unexpected result: {str(result)[:200]}")
+    duration = (result.get("metadata") or {}).get("duration")
+    return Outcome("completed", url=result.get("url"), s3_key=result.get("s3_key"), duration=duration)
+
+
+def _error(state: str, result: Any) -> str:
+    """`ExcType: message` from Celery's serialised exception, without importing its class."""
+    if isinstance(result, dict) and "exc_type" in result:
+        message = result.get("exc_message")
+        if isinstance(message, (list, tuple)):
+            message = " ".join(str(part) for part in message)
+        return f"{result['exc_type']}: {message}"
+    return f"{state.lower()}: {result}" if result else state.lower()

@@ -1,0 +1,246 @@
+"""The loop of a backfill run: claim rows, publish them in batches, follow results, record outcomes.
+
+At most `max_in_flight` rows are tracked at once (published and not yet finished, or followed while
+another run's message for them is processed), so memory and the broker's backlog stay bounded
+however long INPUT is. Each row is settled by `decide`: record it (its result exists), publish it
+(this run won the claim), follow it (another live run has it), take it over (`--retry-failed`), or
+resolve it (claimed by a run that died, maybe before publishing: search the broker first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import redis
+from celery import states
+
+from producer.backfill import naming
+from producer.backfill.broker import Publisher, find_queued
+from producer.backfill.guard import Claim, Guard
+from producer.backfill.manifest import ManifestWriter, record
+from producer.backfill.progress import Progress, Tally
+from producer.backfill.results import Outcome, ResultReader, TaskState
+from producer.backfill.rows import Row
+
+__all__ = ["Backfill", "Options", "decide"]
+
+IDLE_S = 0.2
+_POLL_WINDOW = 256
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a run sends: where, how much at once, and whether failed rows are sent again."""
+
+    namespace: str
+    queue: str
+    priority: int
+    max_in_flight: int = 1000
+    batch_size: int = 500
+    retry_failed: bool = False
+    lease_s: float = 30.0
+
+
+@dataclass
+class _Tracked:
+    row: Row
+    task_id: str
+    mine: bool
+    checked_at: float
+
+
+def decide(*, won: bool, claim: Claim | None, state: TaskState, alive: set[str], retry_failed: bool) -> str:
+    """What to do with a row, given its claim after this run tried to take it and its task's state.
+
+    `record`, `takeover` (publish a new attempt), `publish`, `resolve`, `follow` or `recheck`."""
+    if claim is None:
+        return "recheck"  # the claim vanished between our SET NX and our read: look again soon
+    if state.outcome is not None:
+        return "takeover" if state.outcome.status == "failed" and retry_failed else "record"
+    if won:
+        return "publish"
+    if state.state == states.PENDING and claim.state == "claimed" and claim.run not in alive:
+        return "resolve"
+    return "follow"
+
+
+class Backfill:
+    """One run over the rows of INPUT that the manifest does not already account for."""
+
+    def __init__(
+        self, options: Options, *, guard: Guard, publisher: Publisher, results: ResultReader,
+        broker: redis.Redis, manifest: ManifestWriter, tally: Tally, progress: Progress,
+        stop: threading.Event,
+    ) -> None:  # fmt: skip
+        self.options, self.guard, self.publisher, self.results = options, guard, publisher, results
+        self.broker, self.manifest, self.tally, self.progress, self.stop = (
+            broker,
+            manifest,
+            tally,
+            progress,
+            stop,
+        )
+        self.tracked: dict[str, _Tracked] = {}
+        self._exhausted = False
+        self._cursor = 0
+        self._beat_at = 0.0
+
+    def run(self, rows: Iterator[Row]) -> None:
+        """Work until every row has an outcome, or until `stop` is set (then leave the rest to a re-run)."""
+        try:
+            self._heartbeat()
+            while not self.stop.is_set() and not (self._exhausted and not self.tracked):
+                busy = self._fill(rows)
+                busy = self._poll() or busy
+                self._maintain()
+                self.tally.in_flight = len(self.tracked)
+                self.progress.update()
+                if not busy:
+                    self.stop.wait(IDLE_S)
+        finally:
+            self.tally.in_flight = len(self.tracked)
+            self.tally.interrupted = self.stop.is_set() and not (self._exhausted and not self.tracked)
+            with contextlib.suppress(redis.RedisError):  # unreachable: the lease expires by itself
+                self.guard.end()
+
+    def _fill(self, rows: Iterator[Row]) -> bool:
+        room = self.options.max_in_flight - len(self.tracked)
+        if self._exhausted or room < min(self.options.batch_size, self.options.max_in_flight) // 4 + 1:
+            return False
+        want = min(room, self.options.batch_size)
+        chunk = list(itertools.islice(rows, want))
+        self._exhausted = len(chunk) < want
+        self._settle(chunk, retry_failed=self.options.retry_failed)
+        return bool(chunk)
+
+    def _settle(self, rows: Sequence[Row], *, retry_failed: bool) -> None:
+        """Claim, look, and act on each row (see `decide`)."""
+        if not rows:
+            return
+        me, queue = self.guard.run_id, self.options.queue
+        ours = [Claim("claimed", me, naming.task_id(self.options.namespace, r.name), queue) for r in rows]
+        won = self.guard.claim([(row.name, claim) for row, claim in zip(rows, ours, strict=True)])
+        others = iter(self.guard.read([row.name for row, w in zip(rows, won, strict=True) if not w]))
+        claims = [claim if w else next(others) for claim, w in zip(ours, won, strict=True)]
+        found = iter(self.results.states([c.task for c in claims if c is not None]))
+        task_states = [next(found) if c is not None else TaskState(states.PENDING) for c in claims]
+        alive = self.guard.alive(c.run for c in claims if c is not None)
+        plan: dict[str, list[tuple[Row, Claim]]] = {}
+        for row, w, mine, claim, state in zip(rows, won, ours, claims, task_states, strict=True):
+            action = decide(won=w, claim=claim, state=state, alive=alive, retry_failed=retry_failed)
+            if action == "record" and state.outcome is not None and claim is not None:
+                self._record(row, claim.task, state.outcome, mine=False)
+            plan.setdefault(action, []).append((row, claim or mine))
+        self._act(plan)
+
+    def _act(self, plan: dict[str, list[tuple[Row, Claim]]]) -> None:
+        for row, claim in plan.get("follow", []):
+            self._follow(row, claim.task)
+        for row, claim in plan.get("recheck", []):
+            self._follow(row, claim.task, checked_at=0.0)
+        me, queue = self.guard.run_id, self.options.queue
+        takeovers = [
+            (row, claim, Claim("claimed", me, naming.next_task_id(claim.task), queue))
+            for row, claim in plan.get("takeover", [])
+        ]
+        publish = [(row, claim) for row, claim in plan.get("publish", [])]
+        publish += self._swap_or_follow(takeovers)
+        publish += self._resolve(plan.get("resolve", []))
+        # A result existed although this run had just won the claim (an earlier claim expired): the
+        # message was sent once, so mark it so; nothing is followed, the row is recorded already.
+        self.guard.swap(
+            [(r.name, c, replace(c, state="sent")) for r, c in plan.get("record", []) if c.run == me]
+        )
+        self._publish(publish)
+
+    def _swap_or_follow(self, swaps: Sequence[tuple[Row, Claim, Claim]]) -> list[tuple[Row, Claim]]:
+        """Compare-and-set each claim; the rows where it held, with their new claims. The others
+        changed hands meanwhile: follow them and look again soon."""
+        if not swaps:
+            return []
+        done = self.guard.swap([(row.name, old, new) for row, old, new in swaps])
+        for (row, old, _), ok in zip(swaps, done, strict=True):
+            if not ok:
+                self._follow(row, old.task, checked_at=0.0)
+        return [(row, new) for (row, _, new), ok in zip(swaps, done, strict=True) if ok]
+
+    def _resolve(self, items: Sequence[tuple[Row, Claim]]) -> list[tuple[Row, Claim]]:
+        """Rows claimed by a dead run that may not have published them: publish only those whose
+        message is neither in the broker nor finished (a result may have appeared meanwhile)."""
+        if not items:
+            return []
+        queued = find_queued(self.broker, {c.queue for _, c in items}, [c.task for _, c in items])
+        now = self.results.states([c.task for _, c in items])
+        found = [(row, c) for (row, c), s in zip(items, now, strict=True) if c.task in queued or s.ready]
+        lost = [(row, c) for (row, c), s in zip(items, now, strict=True) if not (c.task in queued or s.ready)]
+        # Found: the dead run did publish. Say so in the claim (best effort), and await the result.
+        self.guard.swap([(row.name, c, replace(c, state="sent")) for row, c in found])
+        for row, claim in found:
+            self._follow(row, claim.task)
+        me, queue = self.guard.run_id, self.options.queue
+        return self._swap_or_follow([(row, c, Claim("claimed", me, c.task, queue)) for row, c in lost])
+
+    def _publish(self, items: Sequence[tuple[Row, Claim]]) -> None:
+        if not items:
+            return
+        self.publisher.publish([(claim.task, row.message) for row, claim in items])
+        self.guard.swap([(row.name, claim, replace(claim, state="sent")) for row, claim in items])
+        now = time.monotonic()
+        for row, claim in items:
+            self.tracked[claim.task] = _Tracked(row, claim.task, mine=True, checked_at=now)
+        self.tally.sent += len(items)
+
+    def _follow(self, row: Row, task_id: str, *, checked_at: float | None = None) -> None:
+        when = time.monotonic() if checked_at is None else checked_at
+        self.tracked[task_id] = _Tracked(row, task_id, mine=False, checked_at=when)
+
+    def _poll(self) -> bool:
+        """Record the tracked tasks that finished: the oldest few hundred, and a rotating few hundred."""
+        if not self.tracked:
+            return False
+        ids = list(self.tracked)
+        rest = ids[_POLL_WINDOW:]
+        self._cursor = self._cursor % len(rest) if rest else 0
+        window = ids[:_POLL_WINDOW] + rest[self._cursor : self._cursor + _POLL_WINDOW]
+        self._cursor += _POLL_WINDOW
+        done = [(t, s.outcome) for t, s in zip(window, self.results.states(window), strict=True) if s.outcome]
+        for task_id, outcome in done:
+            entry = self.tracked.pop(task_id)
+            self._record(entry.row, task_id, outcome, mine=entry.mine)
+        return bool(done)
+
+    def _maintain(self) -> None:
+        """Renew the lease; now and then, look again at rows followed for another run (it may have died)."""
+        now = time.monotonic()
+        self._heartbeat()
+        stale = [
+            t for t in self.tracked.values() if not t.mine and now - t.checked_at > self.options.lease_s / 2
+        ]
+        for entry in stale:
+            del self.tracked[entry.task_id]
+        self._settle([entry.row for entry in stale], retry_failed=False)
+
+    def _heartbeat(self) -> None:
+        if time.monotonic() - self._beat_at > self.options.lease_s / 3:
+            self.guard.beat()
+            self._beat_at = time.monotonic()
+
+    def _record(self, row: Row, task_id: str, outcome: Outcome, *, mine: bool) -> None:
+        self.manifest.write(
+            [
+                record(
+                    row.row_id, row.line, outcome.status, task_id=task_id, url=outcome.url,
+                    s3_key=outcome.s3_key, duration=outcome.duration, error=outcome.error,
+                )
+            ]
+        )  # fmt: skip
+        if outcome.status == "completed":
+            self.tally.completed += 1
+        else:
+            self.tally.failed += 1
+        self.tally.followed += 0 if mine else 1

@@ -1,0 +1,417 @@
+"""`tts-backfill`: every row once, against real Redis and real tone workers, run as a real subprocess.
+
+"Synthesised once" is read from the workers' logs: each delivery logs `job <id> start`, and a job
+that found its object already stored logs `rtf=None` (the result says `reused`), so a row whose
+task started twice, or was synthesised twice, shows up in the counts.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from producer.app import BACKFILL_QUEUE, create_app
+from producer.backfill import naming
+from producer.backfill.broker import Publisher, find_queued
+from producer.backfill.guard import Claim
+from producer.backfill.manifest import ManifestBusy, ManifestIndex, ManifestWriter
+from producer.backfill.results import Outcome, TaskState
+from producer.backfill.rows import Row, RowReader
+from producer.backfill.runner import decide
+from producer.config import ProducerConfig
+from tests.conftest import WorkerHandle
+from tts_worker.devstack import RedisServer, WorkerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+_START = re.compile(r"job (backfill:\S+) start:")
+_DONE = re.compile(r"job (backfill:\S+) done: .* rtf=(\S+)")
+
+
+class Pair:
+    """Two tone workers on the same Redis databases, so that jobs really run side by side."""
+
+    def __init__(self, first: WorkerHandle, second: WorkerProcess) -> None:
+        self.first, self.second, self.env = first, second, first.env
+
+    def log(self) -> str:
+        return self.first.process.log() + self.second.log()
+
+
+def counts(log: str, namespace: str) -> tuple[collections.Counter[str], collections.Counter[str]]:
+    """Per task id of `namespace`: deliveries started, and syntheses (not reuses)."""
+    prefix = f"backfill:{namespace}:"
+    starts = collections.Counter(t for t in _START.findall(log) if t.startswith(prefix))
+    synthesised = collections.Counter(
+        t for t, rtf in _DONE.findall(log) if t.startswith(prefix) and rtf != "None"
+    )
+    return starts, synthesised
+
+
+@pytest.fixture(scope="module")
+def pair(start_worker: Callable[..., WorkerHandle], stack_dir: Path) -> Iterator[Pair]:
+    first = start_worker()
+    second = WorkerProcess(first.env, log_path=stack_dir / "backfill-second.log", name="backfill-second")
+    yield Pair(first, second)
+    second.stop()
+
+
+def write_rows(path: Path, count: int, **extra: Any) -> list[str]:
+    """`count` short rows with ids; returns the ids."""
+    ids = [f"row-{i}" for i in range(count)]
+    with path.open("w") as out:
+        for i, row_id in enumerate(ids):
+            out.write(
+                json.dumps({"id": row_id, "text": f"Row {i} speaks.", "output_format": "wav", **extra}) + "\n"
+            )
+    return ids
+
+
+def cli(*args: str | Path) -> list[str]:
+    return [sys.executable, "-m", "producer.backfill", *map(str, args)]
+
+
+def run(env: dict[str, str], *args: str | Path, timeout: float = 150) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cli(*args), env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def final(manifest: Path) -> dict[str, dict[str, Any]]:
+    """The last record of each row that was sent (every line must be whole JSON)."""
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    return {r["id"]: r for r in records if r["status"] != "invalid"}
+
+
+def sent(stdout: str) -> int:
+    match = re.search(r"^sent\s+(\d+)", stdout, re.MULTILINE)
+    assert match, stdout
+    return int(match.group(1))
+
+
+def wait_for_lines(path: Path, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() or len(path.read_text().splitlines()) < count:
+        assert time.monotonic() < deadline, f"{path} has fewer than {count} lines after {timeout} s"
+        time.sleep(0.1)
+
+
+def assert_each_once(log: str, namespace: str, ids: list[str]) -> None:
+    starts, synthesised = counts(log, namespace)
+    expected = {naming.task_id(namespace, naming.object_name(i)): 1 for i in ids}
+    assert dict(starts) == expected  # every row delivered once: nothing was sent twice
+    assert dict(synthesised) == expected
+
+
+# --- without Redis -----------------------------------------------------------------------------------
+
+
+def test_importing_backfill_stays_light() -> None:
+    code = (
+        "import sys, producer.backfill, producer.backfill.cli;"
+        "heavy = ('torch', 'numpy', 'soundfile', 'boto3', 'tts_worker', 'indextts');"
+        "print([m for m in heavy if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.strip() == "[]"
+
+
+def test_row_ids_map_to_safe_disjoint_names() -> None:
+    assert naming.object_name("chapter-1.intro") == "chapter-1.intro"
+    odd = naming.object_name("livre/chapitre 1: l'été")
+    assert re.fullmatch(r"_[A-Za-z0-9._-]+\.[0-9a-f]{20}", odd)
+    assert naming.object_name("a/b") != naming.object_name("a b")  # same readable part, other digest
+    assert naming.object_name("_x") != "_x"  # a name starting with "_" is always a mapped one
+    assert len(naming.session_id("n" * 40, naming.object_name("x" * 500))) <= 128
+    assert naming.next_task_id("backfill:ns:42") == "backfill:ns:42:2"
+    assert naming.next_task_id("backfill:ns:42:2") == "backfill:ns:42:3"
+
+
+def test_csv_cells_take_their_column_types_and_ids_follow_content(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text(
+        "id,text,enable_chunking,max_chars_per_chunk,emo_alpha,emo_vector\n"
+        ',"Two\nlines.",false,120,0.5,"[0,0,0,0,0,0,0,1]"\n'
+        "x,Hi,maybe,,,\n"
+        "y,Hi,true,12x,,\n"
+    )
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps({"text": "Two\nlines.", "enable_chunking": False, "max_chars_per_chunk": 120,
+                    "emo_alpha": 0.5, "emo_vector": [0, 0, 0, 0, 0, 0, 0, 1.0]}) + "\n"
+    )  # fmt: skip
+    csv_rows = list(RowReader(tmp_path / "a.csv", fmt="csv", namespace="a", max_text_chars=100).validate())
+    [jsonl_row] = RowReader(tmp_path / "a.jsonl", fmt="jsonl", namespace="a", max_text_chars=100).validate()
+    assert isinstance(csv_rows[0], Row) and isinstance(jsonl_row, Row)
+    assert (
+        csv_rows[0].message["enable_chunking"] is False and csv_rows[0].message["max_chars_per_chunk"] == 120
+    )
+    assert csv_rows[0].row_id == jsonl_row.row_id and csv_rows[0].row_id.startswith("auto-")
+    assert [(r.line, r.error) for r in csv_rows[1:]] == [  # type: ignore[union-attr]
+        (4, "enable_chunking: must be true or false (got 'maybe')"),
+        (5, "max_chars_per_chunk: must be an integer (got '12x')"),
+    ]
+
+
+def test_invalid_rows_are_reported_by_line_and_strict_sends_nothing(tmp_path: Path) -> None:
+    rows = tmp_path / "mixed.jsonl"
+    rows.write_text(
+        json.dumps({"id": "a", "text": "Fine."}) + "\n\n"
+        + json.dumps({"id": "b", "text": "  "}) + "\n"
+        + "{not json\n"
+        + json.dumps({"id": "a", "text": "Again."}) + "\n"
+        + json.dumps({"id": "c", "text": "Hi.", "speakr_voice": "alice"}) + "\n"
+        + json.dumps({"id": ["list"], "text": "Hi."}) + "\n"
+    )  # fmt: skip
+    env = {**os.environ, "CELERY_BROKER_URL": "redis://127.0.0.1:1/0"}  # nothing listens: nothing sent
+    manifest = tmp_path / "m.jsonl"
+    done = run(env, rows, "--manifest", manifest, "--dry-run")
+    assert done.returncode == 1, done.stderr
+    for expected in (
+        "line 3: invalid: text: must not be blank",
+        "line 4: invalid: not valid JSON",
+        "line 5: invalid: id 'a' already used on line 1",
+        "line 6: invalid: speakr_voice: unknown field (did you mean 'speaker_voice'?)",
+        "line 7: invalid: id: must be a string or an integer",
+    ):
+        assert expected in done.stderr
+    assert "1 valid rows, 5 invalid" in done.stdout and not manifest.exists()
+    strict = run(env, rows, "--manifest", manifest, "--strict")
+    assert strict.returncode == 2 and "--strict: nothing sent" in strict.stderr
+    assert [r["line"] for r in map(json.loads, manifest.read_text().splitlines())] == [3, 4, 5, 6, 7]
+
+
+DONE = TaskState("SUCCESS", Outcome("completed"))
+FAILED = TaskState("FAILURE", Outcome("failed", error="UnknownVoice: nobody"))
+PENDING = TaskState("PENDING")
+
+
+@pytest.mark.parametrize(
+    ("won", "claim_state", "run", "state", "retry", "action"),
+    [
+        (True, "claimed", "me", PENDING, False, "publish"),
+        (True, "claimed", "me", DONE, False, "record"),  # an earlier claim expired, its result did not
+        (False, "sent", "dead", DONE, False, "record"),
+        (False, "sent", "dead", FAILED, False, "record"),
+        (False, "sent", "dead", FAILED, True, "takeover"),
+        (False, "sent", "alive", PENDING, False, "follow"),
+        (False, "sent", "dead", PENDING, False, "follow"),  # published: it is in the queue
+        (False, "claimed", "alive", PENDING, False, "follow"),
+        (False, "claimed", "dead", PENDING, False, "resolve"),  # maybe never published
+        (False, "claimed", "dead", TaskState("STARTED"), False, "follow"),
+    ],
+)
+def test_decide(won: bool, claim_state: str, run: str, state: TaskState, retry: bool, action: str) -> None:
+    claim = Claim(claim_state, run, "backfill:n:x", BACKFILL_QUEUE)  # type: ignore[arg-type]
+    assert decide(won=won, claim=claim, state=state, alive={"me", "alive"}, retry_failed=retry) == action
+
+
+def test_manifest_has_one_writer_and_survives_a_torn_line(tmp_path: Path) -> None:
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"id": "a", "status": "completed"}\n{"id": "b", "sta')
+    writer = ManifestWriter(path)
+    with pytest.raises(ManifestBusy):
+        ManifestWriter(path)
+    writer.write([{"id": "c", "status": "failed", "task_id": "t"}])
+    writer.close()
+    index = ManifestIndex.load(path)
+    assert index.status == {"a": "completed", "c": "failed"} and index.unreadable_lines == 1
+
+
+# --- against Redis and workers -----------------------------------------------------------------------
+
+
+def test_find_queued_sees_waiting_and_delivered_messages(
+    redis_client: redis.Redis, redis_server: RedisServer
+) -> None:
+    app = create_app(
+        ProducerConfig(broker_url=f"{redis_server.url}/0", result_backend=f"{redis_server.url}/1")
+    )
+    Publisher(app, queue="tts.held", priority=9).publish(
+        [(f"backfill:q:{i}", {"text": "Hi."}) for i in range(3)]
+    )
+    delivered = redis_client.rpop("tts.held\x06\x169")  # as a worker takes it: into the unacked hash
+    assert isinstance(delivered, bytes)
+    redis_client.hset("unacked", "tag-1", b"[" + delivered + b', "", "tts.held"]')
+    wanted = ["backfill:q:0", "backfill:q:2", "backfill:q:9"]
+    assert find_queued(redis_client, ["tts.held"], wanted) == {"backfill:q:0", "backfill:q:2"}
+    app.close()
+
+
+@pytest.mark.slow
+def test_every_row_once_end_to_end_and_a_rerun_sends_nothing(
+    pair: Pair, redis_client: redis.Redis, tmp_path: Path, s3: Any
+) -> None:
+    rows = tmp_path / "e2e.jsonl"
+    ids = write_rows(rows, 200)
+    manifest = tmp_path / "e2e.manifest.jsonl"
+    done = run(pair.env, rows, "--manifest", manifest, "--max-in-flight", "50")
+    assert done.returncode == 0, done.stderr
+    assert sent(done.stdout) == 200
+    records = final(manifest)
+    assert sorted(records) == sorted(ids) and len(manifest.read_text().splitlines()) == 200
+    assert {r["status"] for r in records.values()} == {"completed"}
+    assert records["row-7"]["s3_key"] == "e2e.row-7.wav" and records["row-7"]["duration"] > 0
+    assert records["row-7"]["task_id"] == "backfill:e2e:row-7" and records["row-7"]["url"].startswith("http")
+    assert s3.list_objects_v2(Bucket="tts-test", Prefix="e2e.row-")["KeyCount"] == 200
+    assert_each_once(pair.log(), "e2e", ids)
+
+    again = run(pair.env, rows, "--manifest", manifest)
+    assert again.returncode == 0, again.stderr
+    assert sent(again.stdout) == 0 and "completed  200 (200 before this run)" in again.stdout
+    assert len(manifest.read_text().splitlines()) == 200
+    assert_each_once(pair.log(), "e2e", ids)
+
+
+@pytest.mark.slow
+def test_a_killed_run_then_a_rerun_completes_every_row_once(
+    pair: Pair, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    rows = tmp_path / "crash.jsonl"
+    ids = write_rows(rows, 100)
+    manifest = tmp_path / "crash.manifest.jsonl"
+    args = (rows, "--manifest", manifest, "--max-in-flight", "8", "--lease-seconds", "3")
+    first = subprocess.Popen(cli(*args), env=pair.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_lines(manifest, 25)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    kept = final(manifest)  # every line whole: the crash lost rows in flight, not the file
+    assert 25 <= len(kept) < 100
+
+    done = run(pair.env, *args)
+    assert done.returncode == 0, done.stderr
+    assert sent(done.stdout) < 100 - 25  # the rows the killed run had sent were followed, not sent again
+    records = final(manifest)
+    assert sorted(records) == sorted(ids) and {r["status"] for r in records.values()} == {"completed"}
+    assert_each_once(pair.log(), "crash", ids)
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_synthesise_each_row_once(
+    pair: Pair, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    rows = tmp_path / "twice.jsonl"
+    ids = write_rows(rows, 100)
+    runs = [
+        subprocess.Popen(
+            cli(rows, "--manifest", tmp_path / f"m{n}.jsonl", "--max-in-flight", "10"),
+            env=pair.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in (1, 2)
+    ]
+    outputs = [r.communicate(timeout=150) for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], [err for _, err in outputs]
+    assert sum(sent(out) for out, _ in outputs) == 100
+    for n in (1, 2):  # each run's manifest has every row, whoever sent it
+        records = final(tmp_path / f"m{n}.jsonl")
+        assert sorted(records) == sorted(ids) and {r["status"] for r in records.values()} == {"completed"}
+    assert_each_once(pair.log(), "twice", ids)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(
+    pair: Pair, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    rows = tmp_path / "stop.jsonl"
+    ids = write_rows(rows, 40)
+    manifest = tmp_path / "stop.manifest.jsonl"
+    args = (rows, "--manifest", manifest, "--max-in-flight", "4")
+    first = subprocess.Popen(
+        cli(*args), env=pair.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_for_lines(manifest, 8)
+    first.send_signal(signal.SIGINT)
+    out, err = first.communicate(timeout=30)
+    assert first.returncode == 130, err
+    assert "stopping" in err and "stopped    with" in out
+    assert 8 <= len(final(manifest)) < 40
+
+    done = run(pair.env, *args)
+    assert done.returncode == 0, done.stderr
+    assert sorted(final(manifest)) == sorted(ids)
+    assert_each_once(pair.log(), "stop", ids)
+
+
+@pytest.mark.slow
+def test_claims_of_a_dead_run_are_resolved_without_sending_twice(
+    slow_worker: WorkerHandle, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """A run died holding claims. Rows 0-2: claimed, never published: sent now. Row 3: claimed and
+    published (the crash fell between the two): found waiting in the queue, followed. Row 4: marked
+    sent: followed. The slow worker is kept busy meanwhile, so rows 3 and 4 are still queued."""
+    rows = tmp_path / "dead.jsonl"
+    ids = write_rows(rows, 5)
+    tasks = [naming.task_id("dead", i) for i in ids]
+    blocker = slow_worker.tts.delay(
+        text="Keep the only worker busy for a few seconds. " * 2, output_format="wav"
+    )
+    wait_for_state(blocker.id, slow_worker)
+    broker = redis.Redis.from_url(slow_worker.env["CELERY_BROKER_URL"])
+    for i, task in enumerate(tasks):
+        claim = Claim("sent" if i == 4 else "claimed", "gone", task, BACKFILL_QUEUE)
+        broker.set(f"tts-backfill:dead:row:{ids[i]}", claim.dump())
+    message = {"text": "Published before the crash.", "output_format": "wav"}
+    Publisher(slow_worker.app, queue=BACKFILL_QUEUE, priority=9).publish([(t, message) for t in tasks[3:]])
+    broker.close()
+
+    done = run(slow_worker.env, rows, "--manifest", tmp_path / "m.jsonl")
+    assert done.returncode == 0, done.stderr
+    assert sent(done.stdout) == 3
+    assert sorted(final(tmp_path / "m.jsonl")) == ids
+    assert_each_once(slow_worker.process.log(), "dead", ids)
+
+
+def wait_for_state(task_id: str, worker: WorkerHandle, timeout: float = 30) -> None:
+    result = worker.app.AsyncResult(task_id)
+    deadline = time.monotonic() + timeout
+    while result.state not in ("STARTED", "PROGRESS", "SUCCESS"):
+        assert time.monotonic() < deadline, f"{task_id} still {result.state}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_failed_rows_are_sent_again_only_when_asked(
+    pair: Pair, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    rows = tmp_path / "fails.jsonl"
+    write_rows(rows, 3, speaker_voice="nobody")  # no such voice: a permanent failure on the worker
+    manifest = tmp_path / "m.jsonl"
+    first = run(pair.env, rows, "--manifest", manifest)
+    assert first.returncode == 1
+    assert {r["status"] for r in final(manifest).values()} == {"failed"}
+    assert "UnknownVoice" in final(manifest)["row-0"]["error"]
+    assert sent(run(pair.env, rows, "--manifest", manifest).stdout) == 0
+    retried = run(pair.env, rows, "--manifest", manifest, "--retry-failed")
+    assert retried.returncode == 1 and sent(retried.stdout) == 3
+    assert final(manifest)["row-0"]["task_id"] == "backfill:fails:row-0:2"
+
+
+@pytest.mark.slow
+def test_interactive_jobs_overtake_a_backfill_backlog(
+    slow_worker: WorkerHandle, redis_client: redis.Redis
+) -> None:
+    """A worker reads `tts` before `tts.backfill`, and backfill goes at priority 9, so the interactive
+    job sent last is served as soon as the running backfill job ends."""
+    publisher = Publisher(slow_worker.app, queue=BACKFILL_QUEUE, priority=9)
+    backlog = [f"backfill:prio:{i}" for i in range(3)]
+    publisher.publish(
+        [(t, {"text": "A backfill job of one second.", "output_format": "wav"}) for t in backlog]
+    )
+    wait_for_state(backlog[0], slow_worker)
+    interactive = slow_worker.tts.delay(text="Me first.", output_format="wav")
+    interactive.get(timeout=60)
+    for task in backlog:
+        slow_worker.app.AsyncResult(task).get(timeout=60)
+    log = slow_worker.process.log()
+    order = [t for t in re.findall(r"job (\S+) start:", log) if t in (*backlog, interactive.id)]
+    assert order == [backlog[0], interactive.id, backlog[1], backlog[2]]
