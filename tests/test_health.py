@@ -146,3 +146,14 @@ def test_model_files_never_fetched_are_named(gpu_env: dict[str, str]) -> None:
     assert model_files.status == "fail"
     assert model_files.details.startswith("IndexTeam/IndexTTS-2: not fetched")
     assert model_files.details.endswith("(run ./bootstrap models)")
+
+
+def test_warmup_loads_the_engine_and_exits_without_broker_or_bucket(base_env: dict[str, str]) -> None:
+    env = {k: v for k, v in base_env.items() if not k.startswith(("S3_", "CELERY_"))}
+    env["CELERY_BROKER_URL"] = "redis://127.0.0.1:1/0"  # nothing listens there: must not matter
+    done = subprocess.run(
+        [sys.executable, "-m", "tts_worker", "warmup"], env={**env, "TTS_ENGINE": "piper"},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "piper loaded and warmed up on cpu"

@@ -42,7 +42,7 @@ def shim(rp_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[No
     """`handler` in this process on the tone engine, with fresh per-process state."""
     for name, value in rp_env.items():
         monkeypatch.setenv(name, value)
-    caches = (runtime.settings, runtime.services)  # tests may replace `runtime.services` itself
+    caches = (runtime.settings, runtime.engine, runtime.services)  # tests may replace `runtime.services`
     for cache in caches:
         cache.cache_clear()
     yield

@@ -2,6 +2,7 @@
 
     python -m tts_worker check [--json] [--no-broker]   # every health check; non-zero exit on a problem
     python -m tts_worker flower [FLOWER OPTIONS...]      # Flower on the producer's settings, with basic auth
+    python -m tts_worker warmup                          # load and warm the engine (filling its caches), exit
 
 `check` is what the Docker healthcheck runs. `flower` refuses to start without FLOWER_BASIC_AUTH
 (`user:password`, several separated by commas), so that Flower is never open by accident; it then runs
@@ -30,13 +31,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--json", action="store_true", help="print the seed's health report as JSON")
     check.add_argument("--no-broker", action="store_true", help="skip the broker (a RunPod worker uses none)")
     commands.add_parser("flower", help="start Flower with basic auth (extra options go to Flower)")
+    commands.add_parser(
+        "warmup", help="load and warm the engine once (e.g. to fill a volume's caches), then exit"
+    )
     args, extra = parser.parse_known_args(argv)
     if args.command == "flower":
         command = flower_command(extra, os.environ)
         os.execv(command[0], command)  # Flower takes this process over, so signals reach it directly
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "warmup":
+        return _warm_up()
     return _check(as_json=args.json, broker=not args.no_broker)
+
+
+def _warm_up() -> int:
+    from tts_worker import runtime
+
+    engine = runtime.engine()  # loads the model and speaks one short line; needs no broker or bucket
+    print(f"{engine.name} loaded and warmed up on {engine.device}")
+    return 0
 
 
 def _check(*, as_json: bool, broker: bool) -> int:

@@ -8,6 +8,7 @@ synthesising twice.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,9 @@ from tts_worker.settings import Settings
 from tts_worker.storage import S3Storage
 from tts_worker.voices import resolve_voice
 
-__all__ = ["Services", "generation_options", "run_job", "text_chunks", "voice_inputs"]
+__all__ = ["Services", "generation_options", "log_done", "run_job", "text_chunks", "voice_inputs"]
+
+log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
 """Called as (chunks done, chunks in all) after each chunk."""
@@ -75,6 +78,15 @@ def run_job(
     }
     meta["rtf"] = round((synthesized - started) / meta["duration"], 4) if meta["duration"] else None
     return _result(services, key=key, filename=filename, expires=expires, meta=meta)
+
+
+def log_done(job_id: str, result: dict[str, Any]) -> None:
+    """The job's closing log line: what an operator needs, never the text nor the presigned URL."""
+    meta = result["metadata"]
+    log.info(
+        "job %s done: engine=%s chunks=%s audio_s=%s rtf=%s",
+        job_id, meta["engine"], meta["chunks"], meta["duration"], meta.get("rtf"),
+    )  # fmt: skip
 
 
 def text_chunks(request: TTSRequest) -> list[str]:

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from producer.errors import EngineUnusable, InvalidRequest, PermanentError, TTSError
 from producer.schema import TTSRequest, parse_request
 from tts_worker import health, runtime
-from tts_worker.pipeline import Services, run_job, text_chunks
+from tts_worker.pipeline import Services, log_done, run_job, text_chunks
 from tts_worker.settings import SettingsError
 from tts_worker.streaming import PCM_FORMAT, stream_pcm
 
@@ -130,11 +130,7 @@ def _batch(job: dict[str, Any], request: TTSRequest, services: Services, job_id:
             runpod.serverless.progress_update(job, {"chunk": done, "chunks": total})
 
     result = run_job(request, services, job_id=job_id, on_progress=progress)
-    meta = result["metadata"]
-    log.info(
-        "job %s done: engine=%s chunks=%s audio_s=%s rtf=%s",
-        job_id, meta["engine"], meta["chunks"], meta["duration"], meta.get("rtf"),
-    )  # fmt: skip
+    log_done(job_id, result)
     return result
 
 

@@ -7,12 +7,12 @@ import logging
 import time
 
 from producer.schema import parse_request
-from tts_worker.engines import load_engine
+from tts_worker.engines import Engine, load_engine
 from tts_worker.pipeline import Services, voice_inputs
 from tts_worker.settings import Settings
 from tts_worker.storage import S3Storage
 
-__all__ = ["make_storage", "services", "settings"]
+__all__ = ["engine", "make_storage", "services", "settings"]
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +29,22 @@ def make_storage(settings: Settings) -> S3Storage:
 
 
 @functools.cache
-def services() -> Services:
-    """Load the engine, warm it up with one short synthesis, and connect to storage (once per process)."""
+def engine() -> Engine:
+    """Load the engine and warm it up with one short synthesis (once per process)."""
     current = settings()
     started = time.perf_counter()
-    engine = load_engine(current)
+    loaded = load_engine(current)
     # One short synthesis in the default voice, so that the first job pays no lazy initialisation.
-    engine.synthesize("Warm-up.", voice_inputs(parse_request({"text": "Warm-up."}), current))
+    loaded.synthesize("Warm-up.", voice_inputs(parse_request({"text": "Warm-up."}), current))
     log.info(
         "engine %s loaded and warmed up on %s in %.1f s",
-        engine.name, engine.device, time.perf_counter() - started,
+        loaded.name, loaded.device, time.perf_counter() - started,
     )  # fmt: skip
-    return Services(settings=current, engine=engine, storage=make_storage(current))
+    return loaded
+
+
+@functools.cache
+def services() -> Services:
+    """The warmed engine and a storage client: what a job needs (once per process)."""
+    current = settings()
+    return Services(settings=current, engine=engine(), storage=make_storage(current))

@@ -19,7 +19,7 @@ from producer.app import TASK_NAME
 from producer.errors import EngineUnusable, InvalidRequest, JobTimeLimitExceeded, TransientError
 from producer.schema import parse_request
 from tts_worker import runtime
-from tts_worker.pipeline import run_job, text_chunks
+from tts_worker.pipeline import log_done, run_job, text_chunks
 
 __all__ = ["synthesize"]
 
@@ -59,11 +59,7 @@ def synthesize(self: Task[Any, dict[str, Any]], *args: Any, **fields: Any) -> di
         ) from None
     except EngineUnusable as exc:
         _end_this_process(job_id, exc)
-    meta = result["metadata"]
-    log.info(
-        "job %s done: engine=%s chunks=%s audio_s=%s rtf=%s",
-        job_id, meta["engine"], meta["chunks"], meta["duration"], meta.get("rtf"),
-    )  # fmt: skip
+    log_done(job_id, result)
     return result
 
 
