@@ -22,12 +22,12 @@ from producer.schema import TTSRequest
 from tts_worker.audio import join_chunks
 from tts_worker.chunking import split_text
 from tts_worker.encoding import encode
-from tts_worker.engines import Engine, GenerationOptions, VoiceInputs
+from tts_worker.engines import Audio, Engine, GenerationOptions, VoiceInputs
 from tts_worker.settings import Settings
 from tts_worker.storage import S3Storage
 from tts_worker.voices import resolve_voice
 
-__all__ = ["Services", "generation_options", "log_done", "run_job", "text_chunks", "voice_inputs"]
+__all__ = ["Services", "generation_options", "log_done", "run_job", "speak", "text_chunks", "voice_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +106,23 @@ def _synthesize(
 ) -> np.ndarray:
     options = generation_options(request)
     pieces = []
-    for index, chunk in enumerate(chunks):
-        audio = engine.synthesize(chunk, voice, options)
-        if len(audio) == 0:
-            where = f"chunk {index + 1} of {len(chunks)}"
-            raise UnreadableText(f"text: {engine.name} produced no audio for {where} ({chunk[:60]!r})")
-        pieces.append(audio)
+    for index in range(len(chunks)):
+        pieces.append(speak(engine, chunks, index, voice, options))
         if on_progress:
             on_progress(index + 1, len(chunks))
     crossfade = request.crossfade_ms if request.enable_crossfade else 0
     return join_chunks(pieces, sample_rate=engine.sample_rate, crossfade_ms=crossfade)
+
+
+def speak(
+    engine: Engine, chunks: list[str], index: int, voice: VoiceInputs, options: GenerationOptions
+) -> Audio:
+    """Synthesise `chunks[index]`; raises `UnreadableText` when the engine makes no sound of it."""
+    audio = engine.synthesize(chunks[index], voice, options)
+    if len(audio) == 0:
+        where = f"chunk {index + 1} of {len(chunks)}"
+        raise UnreadableText(f"text: {engine.name} produced no audio for {where} ({chunks[index][:60]!r})")
+    return audio
 
 
 def voice_inputs(request: TTSRequest, settings: Settings) -> VoiceInputs:

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from producer.errors import UnreadableText
 from producer.schema import TTSRequest
+from tts_worker.audio import crossfade, to_int16
 from tts_worker.engines import Audio
-from tts_worker.pipeline import Services, generation_options, text_chunks, voice_inputs
+from tts_worker.pipeline import Services, generation_options, speak, text_chunks, voice_inputs
 
 __all__ = ["PCM_FORMAT", "StreamJoiner", "stream_pcm"]
 
@@ -45,18 +45,18 @@ class StreamJoiner:
         if self._joined:
             # As join_chunks: the overlap is capped by half of each side (the held part already is).
             overlap = min(len(self._held), len(tail) // 2)
-            tail = _crossfade(self._held, tail, overlap)
+            tail = crossfade(self._held, tail, overlap)
             self._joined += len(chunk) - overlap
         else:
             self._joined = len(chunk)
         keep = min(self._crossfade, self._joined // 2)
         ready, self._held = tail[: len(tail) - keep], tail[len(tail) - keep :]
-        return _to_int16(ready)
+        return to_int16(ready)
 
     def flush(self) -> Audio:
         """The samples still held back (after the last chunk)."""
         held, self._held = self._held, np.zeros(0, dtype=np.float32)
-        return _to_int16(held)
+        return to_int16(held)
 
 
 def stream_pcm(request: TTSRequest, services: Services) -> Iterator[dict[str, Any]]:
@@ -67,12 +67,8 @@ def stream_pcm(request: TTSRequest, services: Services) -> Iterator[dict[str, An
     crossfade = request.crossfade_ms if request.enable_crossfade else 0
     joiner = StreamJoiner(sample_rate=engine.sample_rate, crossfade_ms=crossfade)
     sent = samples = 0
-    for index, text in enumerate(chunks):
-        audio = engine.synthesize(text, voice, options)
-        if len(audio) == 0:
-            where = f"chunk {index + 1} of {len(chunks)}"
-            raise UnreadableText(f"text: {engine.name} produced no audio for {where} ({text[:60]!r})")
-        piece = joiner.push(audio)
+    for index in range(len(chunks)):
+        piece = joiner.push(speak(engine, chunks, index, voice, options))
         if index == len(chunks) - 1:  # nothing follows: send what was held back with it, as the seed did
             piece = np.concatenate([piece, joiner.flush()])
         if len(piece):
@@ -97,19 +93,3 @@ def _pcm_message(audio: Audio, *, chunk: int, sample_rate: int) -> dict[str, Any
         "audio_chunk": base64.b64encode(audio.astype("<i2").tobytes()).decode("ascii"),
         "sample_rate": sample_rate,
     }
-
-
-def _crossfade(
-    head: npt.NDArray[np.float32], tail: npt.NDArray[np.float32], overlap: int
-) -> npt.NDArray[np.float32]:
-    """`head` then `tail`, the last `overlap` samples of one blended with the first of the other under
-    the same cos/sin gains as `join_chunks` (computed the same way, so the samples match exactly)."""
-    if overlap <= 0:
-        return np.concatenate([head, tail])
-    t = np.linspace(0.0, np.pi / 2, overlap, dtype=np.float32)
-    mixed = head[-overlap:] * np.cos(t) + tail[:overlap] * np.sin(t)
-    return np.concatenate([head[:-overlap], mixed, tail[overlap:]])
-
-
-def _to_int16(samples: npt.NDArray[np.float32]) -> Audio:
-    return np.clip(np.rint(samples), -32768, 32767).astype(np.int16)
