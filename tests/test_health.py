@@ -32,7 +32,7 @@ def test_a_healthy_worker_passes_every_check(base_env: dict[str, str]) -> None:
     done = check(base_env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert lines(done.stdout) == {
-        "settings": "ok", "broker": "ok", "bucket": "ok", "ffmpeg": "ok", "engine": "ok",
+        "settings": "ok", "broker": "ok", "storage": "ok", "ffmpeg": "ok", "engine": "ok",
         "model_files": "skip", "gpu": "skip",
     }  # fmt: skip
     assert done.stdout.rstrip().endswith("healthy")
@@ -45,9 +45,9 @@ def test_each_problem_is_named_and_the_exit_status_is_not_zero(base_env: dict[st
     done = check(env)
     assert done.returncode == 1
     marks = lines(done.stdout)
-    assert [name for name, mark in marks.items() if mark == "FAIL"] == ["broker", "bucket", "ffmpeg"]
+    assert [name for name, mark in marks.items() if mark == "FAIL"] == ["broker", "storage", "ffmpeg"]
     assert "does the bucket exist?" in done.stdout and "FFMPEG_BINARY='no-ffmpeg'" in done.stdout
-    assert done.stdout.rstrip().endswith("unhealthy: broker, bucket, ffmpeg")
+    assert done.stdout.rstrip().endswith("unhealthy: broker, storage, ffmpeg")
     everything = done.stdout + done.stderr
     assert SECRET_PASSWORD not in everything and base_env["S3_SECRET_ACCESS_KEY"] not in everything
 

@@ -153,9 +153,9 @@ def test_the_health_check_reports_each_part_and_skips_the_broker(shim: None) -> 
     [report] = run({"action": "health_check"})
     assert report["status"] == "healthy"
     checks = report["checks"]
-    assert list(checks) == ["settings", "broker", "bucket", "ffmpeg", "engine", "model_files", "gpu"]
+    assert list(checks) == ["settings", "broker", "storage", "ffmpeg", "engine", "model_files", "gpu"]
     assert checks["broker"]["status"] == "skip"
-    assert {checks[name]["status"] for name in ("settings", "bucket", "ffmpeg", "engine")} == {"pass"}
+    assert {checks[name]["status"] for name in ("settings", "storage", "ffmpeg", "engine")} == {"pass"}
 
 
 BAD_INPUTS = [

@@ -50,6 +50,11 @@ def test_secrets_stay_out_of_repr() -> None:
         ({**MINIMAL, "METRICS_PORT": "http"}, "METRICS_PORT must be an integer"),
         ({**MINIMAL, "METRICS_PORT": "70000"}, "METRICS_PORT must be between 0 and 65535"),
         ({**MINIMAL, "ATTN_BACKEND": "fast"}, "ATTN_BACKEND must be one of '', 'sage', 'flash'"),
+        ({**MINIMAL, "OUTPUT_STORAGE": "disk"}, "OUTPUT_STORAGE must be one of 's3', 'local'"),
+        (
+            {**MINIMAL, "OUTPUT_BASE_URL": "cdn.example"},
+            "OUTPUT_BASE_URL must start with http:// or https://",
+        ),
         ({**MINIMAL, "TASK_TIME_LIMIT": "4000"}, "VISIBILITY_TIMEOUT (3600) must be above TASK_TIME_LIMIT"),
         ({**MINIMAL, "TASK_SOFT_TIME_LIMIT": "1800"}, "TASK_SOFT_TIME_LIMIT (1800) must be below"),
     ],
@@ -70,7 +75,14 @@ def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None
             {"FFMPEG_BINARY": "/nowhere/ffmpeg"},
             ["cannot start: ffmpeg not found (FFMPEG_BINARY='/nowhere/ffmpeg')"],
         ),
-        ({"S3_BUCKET_NAME": ""}, ["cannot start: S3_BUCKET_NAME is required to store audio and not set"]),
+        (
+            {"S3_BUCKET_NAME": ""},
+            ["cannot start: S3_BUCKET_NAME is required to store audio in S3 and not set (or set OUTPUT_"],
+        ),
+        (
+            {"OUTPUT_STORAGE": "local", "OUTPUT_AUDIO_DIR": "/dev/null/audio"},
+            ["cannot start: cannot write audio to OUTPUT_AUDIO_DIR /dev/null/audio: Not a directory"],
+        ),
         (
             {"S3_BUCKET_NAME": "no-such-bucket"},
             [

@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tts_worker", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser(
-        "check", help="check settings, broker, bucket, ffmpeg, engine, model files, GPU"
+        "check", help="check settings, broker, storage, ffmpeg, engine, model files, GPU"
     )
     check.add_argument("--json", action="store_true", help="print the seed's health report as JSON")
     check.add_argument("--no-broker", action="store_true", help="skip the broker (a RunPod worker uses none)")
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _warm_up() -> int:
     from tts_worker import runtime
 
-    engine = runtime.engine()  # loads the model and speaks one short line; needs no broker or bucket
+    engine = runtime.engine()  # loads the model and speaks one short line; needs no broker or storage
     print(f"{engine.name} loaded and warmed up on {engine.device}")
     return 0
 

@@ -26,6 +26,7 @@ from producer.config import ProducerConfig
 from tts_worker import metrics, runtime  # noqa: F401 - importing metrics connects its signal handlers
 from tts_worker.engines import check_engine
 from tts_worker.settings import Settings, SettingsError
+from tts_worker.storage import make_storage
 
 __all__ = ["app", "worker_config"]
 
@@ -90,7 +91,7 @@ def _configure(sender: Celery, **_: Any) -> None:
 
 @signals.worker_init.connect
 def _check_before_start(**_: Any) -> None:
-    """Refuse to start, with a clear message, when ffmpeg, the engine or the bucket cannot be used.
+    """Refuse to start, with a clear message, when ffmpeg, the engine or the storage cannot be used.
 
     Celery logs and swallows exceptions from signal handlers, so anything that goes wrong here
     becomes a SystemExit: a worker that cannot do its job must not start consuming."""
@@ -99,7 +100,7 @@ def _check_before_start(**_: Any) -> None:
         if shutil.which(settings.ffmpeg_binary) is None:
             raise RuntimeError(f"ffmpeg not found (FFMPEG_BINARY={settings.ffmpeg_binary!r})")
         check_engine(settings)
-        runtime.make_storage(settings).check_bucket()
+        make_storage(settings).check()
     except Exception as exc:
         raise SystemExit(f"tts_worker: cannot start: {exc}") from None
 

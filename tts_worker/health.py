@@ -1,4 +1,4 @@
-"""Health checks, each reported on its own: settings, broker, bucket, ffmpeg, engine, model files, GPU.
+"""Health checks, each reported on its own: settings, broker, storage, ffmpeg, engine, model files, GPU.
 
 One implementation behind `python -m tts_worker check` (the Docker healthcheck: it prints every
 problem and exits non-zero) and the RunPod shim's `action: "health_check"` (the seed's response
@@ -25,7 +25,7 @@ from producer.formats import FORMATS
 from tts_worker.engines import check_engine
 from tts_worker.pipeline import Services
 from tts_worker.settings import Settings, SettingsError
-from tts_worker.storage import S3Storage
+from tts_worker.storage import make_storage
 from tts_worker.voices import resolve_voice
 
 __all__ = ["Check", "format_text", "report", "run_checks"]
@@ -33,7 +33,7 @@ __all__ = ["Check", "format_text", "report", "run_checks"]
 Status = Literal["pass", "warn", "fail", "skip"]
 Probe = Callable[[Settings], tuple[Status, str]]
 
-NAMES = ("settings", "broker", "bucket", "ffmpeg", "engine", "model_files", "gpu")
+NAMES = ("settings", "broker", "storage", "ffmpeg", "engine", "model_files", "gpu")
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def run_checks(
     engine: Probe = _engine if loaded is None else lambda _: _loaded_engine(loaded)
     probes: list[tuple[str, Probe]] = [
         ("broker", _broker if skip_broker is None else lambda _: ("skip", skip_broker)),
-        ("bucket", _bucket),
+        ("storage", _storage),
         ("ffmpeg", _ffmpeg),
         ("engine", engine),
         ("model_files", _model_files),
@@ -101,8 +101,7 @@ def _run(name: str, probe: Probe, settings: Settings) -> Check:
 
 
 def _describe(settings: Settings) -> str:
-    where = settings.s3_endpoint_url or "AWS S3"
-    return f"TTS_ENGINE={settings.tts_engine}, bucket {settings.s3_bucket_name!r} at {where}"
+    return f"TTS_ENGINE={settings.tts_engine}, OUTPUT_STORAGE={settings.output_storage}"
 
 
 def _broker(settings: Settings) -> tuple[Status, str]:
@@ -122,9 +121,10 @@ def _broker(settings: Settings) -> tuple[Status, str]:
     return "pass", f"{' and '.join(answered)} answer"
 
 
-def _bucket(settings: Settings) -> tuple[Status, str]:
-    S3Storage(settings).check_bucket()
-    return "pass", f"bucket {settings.s3_bucket_name!r} is reachable"
+def _storage(settings: Settings) -> tuple[Status, str]:
+    storage = make_storage(settings)
+    storage.check()
+    return "pass", f"{storage.describe()} is ready"
 
 
 def _ffmpeg(settings: Settings) -> tuple[Status, str]:

@@ -24,7 +24,7 @@ from tts_worker.chunking import split_text
 from tts_worker.encoding import encode
 from tts_worker.engines import Audio, Engine, GenerationOptions, VoiceInputs
 from tts_worker.settings import Settings
-from tts_worker.storage import S3Storage
+from tts_worker.storage import Storage
 from tts_worker.voices import resolve_voice
 
 __all__ = ["Services", "generation_options", "log_done", "run_job", "speak", "text_chunks", "voice_inputs"]
@@ -41,7 +41,7 @@ class Services:
 
     settings: Settings
     engine: Engine
-    storage: S3Storage
+    storage: Storage
 
 
 def run_job(
@@ -204,5 +204,5 @@ def _decode_meta(stored: dict[str, str]) -> dict[str, Any]:
 def _result(
     services: Services, *, key: str, filename: str, expires: int, meta: dict[str, Any]
 ) -> dict[str, Any]:
-    url = services.storage.presign(key, expires_s=expires)
+    url = services.storage.url(key, expires_s=expires)
     return {"status": "completed", "url": url, "filename": filename, "s3_key": key, "metadata": meta}

@@ -10,9 +10,9 @@ from producer.schema import parse_request
 from tts_worker.engines import Engine, load_engine
 from tts_worker.pipeline import Services, voice_inputs
 from tts_worker.settings import Settings
-from tts_worker.storage import S3Storage
+from tts_worker.storage import make_storage
 
-__all__ = ["engine", "make_storage", "services", "settings"]
+__all__ = ["engine", "services", "settings"]
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +21,6 @@ log = logging.getLogger(__name__)
 def settings() -> Settings:
     """This process's settings, read from the environment on first use."""
     return Settings.from_env()
-
-
-def make_storage(settings: Settings) -> S3Storage:
-    """A storage client for this process."""
-    return S3Storage(settings)
 
 
 @functools.cache
@@ -45,6 +40,6 @@ def engine() -> Engine:
 
 @functools.cache
 def services() -> Services:
-    """The warmed engine and a storage client: what a job needs (once per process)."""
+    """The warmed engine and the storage: what a job needs (once per process)."""
     current = settings()
     return Services(settings=current, engine=engine(), storage=make_storage(current))

@@ -15,9 +15,10 @@ from typing import TypeVar
 from producer.config import DEFAULT_BROKER_URL
 from producer.schema import MAX_TEXT_CHARS
 
-__all__ = ["ATTN_BACKENDS", "ENGINES", "Settings", "SettingsError"]
+__all__ = ["ATTN_BACKENDS", "ENGINES", "OUTPUT_STORAGES", "Settings", "SettingsError"]
 
 ENGINES = ("indextts2", "piper", "tone")
+OUTPUT_STORAGES = ("s3", "local")
 ATTN_BACKENDS = ("", "sage", "flash")
 _T = TypeVar("_T")
 
@@ -30,8 +31,9 @@ class SettingsError(ValueError):
 class Settings:
     """Everything the worker is configured with. Build it with `Settings.from_env()`."""
 
+    output_storage: str = "s3"
     s3_bucket_name: str | None = None
-    """Required to store audio (the worker checks it at start); not to fetch models."""
+    """Required to store audio in S3 (the worker checks it at start); not to fetch models."""
     celery_broker_url: str = DEFAULT_BROKER_URL
     celery_result_backend: str = DEFAULT_BROKER_URL
     s3_endpoint_url: str | None = None
@@ -42,6 +44,7 @@ class Settings:
     presign_expires_s: int = 3600
     audio_voices_dir: Path = Path("voices")
     output_audio_dir: Path = Path("output_audio")
+    output_base_url: str | None = None
     checkpoints_dir: Path = Path("checkpoints")
     hf_token: str | None = field(default=None, repr=False)
     tts_engine: str = "piper"
@@ -85,7 +88,9 @@ class Settings:
             s3_key_prefix=env.text("S3_KEY_PREFIX", ""),
             presign_expires_s=env.integer("PRESIGN_EXPIRES_S", 3600, low=60, high=604_800),
             audio_voices_dir=Path(env.text("AUDIO_VOICES_DIR", "voices")),
+            output_storage=env.choice("OUTPUT_STORAGE", "s3", OUTPUT_STORAGES),
             output_audio_dir=Path(env.text("OUTPUT_AUDIO_DIR", "output_audio")),
+            output_base_url=env.http_url("OUTPUT_BASE_URL"),
             checkpoints_dir=Path(env.text("CHECKPOINTS_DIR", "checkpoints")),
             hf_token=env.optional("HF_TOKEN"),
             tts_engine=env.choice("TTS_ENGINE", "piper", ENGINES),
@@ -138,6 +143,12 @@ class _Reader:
 
     def optional(self, name: str) -> str | None:
         return self.environ.get(name) or None
+
+    def http_url(self, name: str) -> str | None:
+        value = self.optional(name)
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise SettingsError(f"{name} must start with http:// or https:// (got {value!r})")
+        return value
 
     def text(self, name: str, default: str) -> str:
         return self.environ.get(name) or default

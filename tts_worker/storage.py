@@ -1,14 +1,22 @@
-"""Audio objects in S3 (or any S3-compatible server: MinIO, moto), through boto3.
+"""Where finished audio goes: an S3 bucket (the default) or a local directory (OUTPUT_STORAGE=local).
 
-An object is written in one PUT once its bytes are complete, so no reader ever sees half a file
-under its final key. URLs are presigned with SigV4, which MinIO and AWS require (boto3's default for
-presigning is still SigV2 on some endpoints).
+Either way a file appears under its final name only once its bytes are complete, so no reader ever
+sees half of one: S3 gets the object in one PUT; the directory gets a hidden temporary file that is
+renamed into place. Each stored file carries the metadata a redelivered job rebuilds its result from.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import tempfile
+import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import quote
 
 import boto3
 from botocore.config import Config
@@ -17,16 +25,47 @@ from botocore.exceptions import BotoCoreError, ClientError
 from producer.errors import StorageError
 from tts_worker.settings import Settings, SettingsError
 
-__all__ = ["S3Storage"]
+__all__ = ["LocalStorage", "S3Storage", "Storage", "make_storage"]
+
+log = logging.getLogger(__name__)
+
+
+class Storage(Protocol):
+    """What the pipeline needs of a place to keep audio."""
+
+    def check(self) -> None:
+        """Raise `StorageError` saying what is wrong if nothing can be stored."""
+
+    def put(self, key: str, data: bytes, *, content_type: str, metadata: Mapping[str, str]) -> None:
+        """Store `data` under `key`, all of it or nothing."""
+
+    def metadata(self, key: str) -> dict[str, str] | None:
+        """The metadata stored with `key`, or None when there is no such file."""
+
+    def url(self, key: str, *, expires_s: int) -> str:
+        """Where the client fetches `key` (valid for `expires_s` seconds where the back end can say so)."""
+
+    def describe(self) -> str:
+        """Where files go, for logs and health checks (no secrets)."""
+
+
+def make_storage(settings: Settings) -> Storage:
+    """The storage OUTPUT_STORAGE names. Make it in the process that uses it (boto3 clients do not
+    survive a fork)."""
+    if settings.output_storage == "local":
+        return LocalStorage(settings)
+    return S3Storage(settings)
 
 
 class S3Storage:
-    """One bucket of an S3-compatible server. Make it in the process that uses it (boto3 clients do
-    not survive a fork)."""
+    """One bucket of an S3-compatible server (AWS, MinIO, moto), through boto3. URLs are presigned
+    with SigV4, which MinIO and AWS require (boto3 still presigns with SigV2 on some endpoints)."""
 
     def __init__(self, settings: Settings) -> None:
         if not settings.s3_bucket_name:
-            raise SettingsError("S3_BUCKET_NAME is required to store audio and not set")
+            raise SettingsError(
+                "S3_BUCKET_NAME is required to store audio in S3 and not set (or set OUTPUT_STORAGE=local)"
+            )
         self.bucket = settings.s3_bucket_name
         self.endpoint = settings.s3_endpoint_url or "AWS S3"
         self._client = boto3.client(
@@ -45,7 +84,10 @@ class S3Storage:
             ),
         )
 
-    def check_bucket(self) -> None:
+    def describe(self) -> str:
+        return f"bucket {self.bucket!r} at {self.endpoint}"
+
+    def check(self) -> None:
         """Raise `StorageError` saying what is wrong if the bucket cannot be used."""
         with self._errors("use the bucket", missing="does the bucket exist?"):
             self._client.head_bucket(Bucket=self.bucket)
@@ -68,8 +110,8 @@ class S3Storage:
             raise
         return dict(head.get("Metadata", {}))
 
-    def presign(self, key: str, *, expires_s: int) -> str:
-        """A GET URL for `key`, valid for `expires_s` seconds."""
+    def url(self, key: str, *, expires_s: int) -> str:
+        """A presigned GET URL for `key`, valid for `expires_s` seconds."""
         with self._errors(f"presign {key}"):
             url: str = self._client.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
@@ -79,7 +121,7 @@ class S3Storage:
     @contextmanager
     def _errors(self, action: str, *, missing: str = "") -> Iterator[None]:
         """Turn boto's errors into `StorageError`s saying what we tried, where, and what S3 answered."""
-        where = f"bucket {self.bucket!r} at {self.endpoint}"
+        where = self.describe()
         try:
             yield
         except ClientError as exc:
@@ -92,3 +134,106 @@ class S3Storage:
 
 def _status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+class LocalStorage:
+    """Files under OUTPUT_AUDIO_DIR, for one host or a shared volume; no S3 needed.
+
+    The URL is OUTPUT_BASE_URL + key when a web server publishes the directory, else a file:// URL
+    (URLs do not expire). Metadata lives in a hidden `.<name>.json` beside each file. Files older than
+    CLEANUP_DAYS are removed at start and then at most once an hour, as jobs store new ones."""
+
+    SWEEP_EVERY_S = 3600.0
+
+    def __init__(self, settings: Settings) -> None:
+        self.root = settings.output_audio_dir.resolve()
+        self.base_url = settings.output_base_url
+        self.cleanup_days = settings.cleanup_days
+        self._swept_at: float | None = None
+
+    def describe(self) -> str:
+        return f"OUTPUT_AUDIO_DIR {self.root}"
+
+    def check(self) -> None:
+        """Raise `StorageError` unless files can be written in the directory (creating it if need be)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
+        except OSError as exc:
+            raise StorageError(f"cannot write audio to {self.describe()}: {exc.strerror or exc}") from None
+        self._sweep_if_due()
+
+    def put(self, key: str, data: bytes, *, content_type: str, metadata: Mapping[str, str]) -> None:
+        """Write the metadata, then the audio, each to a temporary file renamed into place."""
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomically(_sidecar(path), json.dumps(dict(metadata)).encode())
+            _write_atomically(path, data)
+        except OSError as exc:
+            raise StorageError(f"cannot write {key} to {self.describe()}: {exc.strerror or exc}") from exc
+        self._sweep_if_due()
+
+    def metadata(self, key: str) -> dict[str, str] | None:
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            stored = json.loads(_sidecar(path).read_text())
+        except (OSError, ValueError):
+            return {}  # audio without (readable) metadata: not this job's, so it is made again
+        return {str(k): str(v) for k, v in stored.items()} if isinstance(stored, dict) else {}
+
+    def url(self, key: str, *, expires_s: int) -> str:
+        if self.base_url:
+            return self.base_url.rstrip("/") + "/" + quote(key)
+        return self._path(key).as_uri()
+
+    def sweep(self) -> int:
+        """Remove files (and left-over temporary files) older than CLEANUP_DAYS; how many went."""
+        if not self.cleanup_days or not self.root.is_dir():
+            return 0
+        cutoff, removed = time.time() - self.cleanup_days * 86_400, 0
+        for path in self.root.rglob("*"):
+            with suppress(OSError):  # gone meanwhile, or not ours to remove: leave it
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+        return removed
+
+    def _sweep_if_due(self) -> None:
+        now = time.monotonic()
+        if self._swept_at is None or now - self._swept_at >= self.SWEEP_EVERY_S:
+            self._swept_at = now
+            removed = self.sweep()
+            if removed:
+                log.info("removed %d files older than %d days from %s", removed, self.cleanup_days, self.root)
+
+    def _path(self, key: str) -> Path:
+        # Keys are S3_KEY_PREFIX plus a name the schema restricts to [A-Za-z0-9._-] and an audio
+        # extension, so they never collide with the .json and .part files; only the prefix could lead out.
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root):
+            raise StorageError(f"{key!r} is not a file name inside {self.describe()}")
+        return path
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(f".{path.name}.json")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """`data` under `path`, complete or not at all: a hidden temporary file, fsynced, then renamed."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; the audio is meant to be served
+        os.replace(temporary, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(temporary)
+        raise
