@@ -109,6 +109,12 @@ class WorkerHandle:
         return list(stats[self.process.name]["pool"]["processes"])
 
 
+@pytest.fixture
+def fresh_db() -> int:
+    """A broker database (and the next one, for results) that no worker uses yet."""
+    return next(_databases)
+
+
 @pytest.fixture(scope="session")
 def start_worker(
     base_env: dict[str, str], redis_server: RedisServer, stack_dir: Path

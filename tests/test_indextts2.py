@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import soundfile
 
+from producer.app import TTSTask, create_app
+from producer.config import ProducerConfig
 from producer.errors import EngineUnusable, GPUOutOfMemory, InvalidRequest
 from producer.schema import parse_request
 from tts_worker.engines.base import GenerationOptions, VoiceInputs
@@ -310,3 +312,31 @@ def test_a_poisoned_context_ends_the_process_and_the_job_completes_on_a_fresh_on
     assert "the job is requeued" in worker.process.log()
     built = [c["pid"] for c in logged_calls(calls) if c["call"] == "__init__"]
     assert built[-1] == after  # the fresh process loaded a fresh model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("load_s", [0, 5], ids=["fails-at-once", "fails-after-the-worker-is-ready"])
+def test_a_worker_that_cannot_load_its_model_stops_and_its_jobs_stay_queued(
+    start_worker: Any, base_env: dict[str, str], redis_server: Any, fresh_db: int, tmp_path: Path, load_s: int
+) -> None:
+    """No config.yaml in CHECKPOINTS_DIR: the worker must not take jobs only to fail them."""
+    (tmp_path / "checkpoints").mkdir()
+    env = {
+        **base_env, "TTS_ENGINE": "indextts2", "CHECKPOINTS_DIR": str(tmp_path / "checkpoints"),
+        "DEFAULT_VOICE": "alice", "FAKE_INDEXTTS_LOAD_S": str(load_s),
+        "PYTHONPATH": os.pathsep.join([str(FAKE), os.environ.get("PYTHONPATH", "")]),
+        "CELERY_BROKER_URL": f"{redis_server.url}/{fresh_db}",
+        "CELERY_RESULT_BACKEND": f"{redis_server.url}/{fresh_db + 1}",
+    }  # fmt: skip
+    app = create_app(ProducerConfig.from_env(env), name="producer-for-a-broken-worker")
+    sent = TTSTask(app).delay(text="Waiting for a worker that can speak.")
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tts_worker", "worker"],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "cannot load the engine (no config.yaml in" in done.stderr
+    assert sent.state == "PENDING"  # not taken and failed
+    healthy = start_worker(db=fresh_db)  # tone, on the same queues
+    assert healthy.app.AsyncResult(sent.id).get(timeout=60)["status"] == "completed"
+    app.close()

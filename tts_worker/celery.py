@@ -14,7 +14,9 @@ Why these defaults (measured on celery 5.7 / kombu 5.7 / Redis 7, see DESIGN.md)
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 from typing import Any
 
 from celery import Celery, signals
@@ -107,5 +109,18 @@ def _check_before_start(**_: Any) -> None:
 
 @signals.worker_process_init.connect
 def _load_model(**_: Any) -> None:
-    """Load and warm the engine in the child that serves jobs, before it takes one."""
-    runtime.services()
+    """Load and warm the engine in the child that serves jobs, before it takes one.
+
+    Celery logs and swallows errors from this signal, and a child without its model would then fail
+    every job it takes. So a child that cannot load it exits, and asks its parent for the warm
+    shutdown that Ctrl-C starts (exit status 1; a cold one, while the parent is still starting, breaks
+    inside Celery): the jobs the worker had reserved go back to the queue for a worker that can."""
+    try:
+        runtime.services()
+    except Exception as exc:
+        log.critical(
+            "cannot load the engine (%s); stopping this worker, its jobs stay queued", exc, exc_info=True
+        )
+        os.kill(os.getppid(), signal.SIGINT)
+        logging.shutdown()
+        os._exit(1)

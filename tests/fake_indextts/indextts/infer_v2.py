@@ -16,7 +16,8 @@ Cues, from the environment (read at each call, so that a test can set them per w
 - FAKE_INDEXTTS_OOM_ABOVE=N: raise OutOfMemoryError while max_text_tokens_per_segment > N;
 - FAKE_INDEXTTS_ASSERT_ONCE=PATH: raise a device-side assert on text containing "<assert>", once
   (PATH is created when it fires, and it does not fire while PATH exists);
-- FAKE_INDEXTTS_CONDITIONING_S: seconds each conditioning computation takes (default 0).
+- FAKE_INDEXTTS_CONDITIONING_S: seconds each conditioning computation takes (default 0);
+- FAKE_INDEXTTS_LOAD_S: seconds the constructor takes, as the real one takes minutes (default 0).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class IndexTTS2:
         language: str | None = None,
         attn_backend: str | None = None,
     ) -> None:
+        time.sleep(float(os.environ.get("FAKE_INDEXTTS_LOAD_S", "0")))
         if model_dir is None or not Path(model_dir, "config.yaml").is_file():
             raise FileNotFoundError(f"no config.yaml in {model_dir}")
         self.device = device or "cuda:0"
