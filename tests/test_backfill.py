@@ -202,7 +202,7 @@ PENDING = TaskState("PENDING")
         (False, "sent", "dead", FAILED, False, "record"),
         (False, "sent", "dead", FAILED, True, "takeover"),
         (False, "sent", "alive", PENDING, False, "follow"),
-        (False, "sent", "dead", PENDING, False, "follow"),  # published: it is in the queue
+        (False, "sent", "dead", PENDING, False, "resolve"),  # published, but the message may be lost
         (False, "claimed", "alive", PENDING, False, "follow"),
         (False, "claimed", "dead", PENDING, False, "resolve"),  # maybe never published
         (False, "claimed", "dead", TaskState("STARTED"), False, "follow"),
@@ -369,6 +369,40 @@ def test_claims_of_a_dead_run_are_resolved_without_sending_twice(
     assert sent(done.stdout) == 3
     assert sorted(final(tmp_path / "m.jsonl")) == ids
     assert_each_once(slow_worker.process.log(), "dead", ids)
+
+
+@pytest.mark.slow
+def test_messages_lost_by_the_broker_are_sent_again(
+    start_worker: Callable[..., WorkerHandle],
+    base_env: dict[str, str],
+    redis_server: RedisServer,
+    fresh_db: int,
+    tmp_path: Path,
+) -> None:
+    """The queue is purged while no worker listens (an operator's `celery purge`, a Redis that lost its
+    data): the run notices at its next checks and sends those rows again instead of waiting forever."""
+    rows = tmp_path / "lost.jsonl"
+    ids = write_rows(rows, 6)
+    env = {**base_env, "CELERY_BROKER_URL": f"{redis_server.url}/{fresh_db}",
+           "CELERY_RESULT_BACKEND": f"{redis_server.url}/{fresh_db + 1}"}  # fmt: skip
+    args = (rows, "--manifest", tmp_path / "m.jsonl", "--lease-seconds", "2", "--priority", "0")
+    backfill = subprocess.Popen(
+        cli(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    broker = redis.Redis.from_url(env["CELERY_BROKER_URL"])
+    deadline = time.monotonic() + 30
+    while broker.llen(BACKFILL_QUEUE) < len(ids):
+        assert time.monotonic() < deadline and backfill.poll() is None, "the rows were not sent"
+        time.sleep(0.05)
+    assert broker.delete(BACKFILL_QUEUE) == 1  # every message gone
+    broker.close()
+    worker = start_worker(db=fresh_db)
+    out, err = backfill.communicate(timeout=90)
+    assert backfill.returncode == 0, err
+    assert "6 sent again (lost by the broker)" in out
+    records = final(tmp_path / "m.jsonl")
+    assert sorted(records) == ids and {r["status"] for r in records.values()} == {"completed"}
+    assert_each_once(worker.process.log(), "lost", ids)
 
 
 def wait_for_state(task_id: str, worker: WorkerHandle, timeout: float = 30) -> None:

@@ -24,6 +24,7 @@ class Tally:
     completed: int = 0
     failed: int = 0
     sent: int = 0
+    resent: int = 0
     followed: int = 0
     in_flight: int = 0
     interrupted: bool = False
@@ -51,7 +52,8 @@ class Tally:
             f"failed     {self.failed + self.failed_before} ({self.failed_before} before this run, "
             "not sent again without --retry-failed)",
             f"sent       {self.sent} to queue {queue} at priority {priority}; {self.followed} followed "
-            "(sent by another run)",
+            "(sent by another run)"
+            + (f"; {self.resent} sent again (lost by the broker)" if self.resent else ""),
             f"time       {_clock(elapsed)}, {rate:.1f} rows/s",
         ]
         if self.interrupted:

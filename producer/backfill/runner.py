@@ -4,13 +4,16 @@ At most `max_in_flight` rows are tracked at once (published and not yet finished
 another run's message for them is processed), so memory and the broker's backlog stay bounded
 however long INPUT is. Each row is settled by `decide`: record it (its result exists), publish it
 (this run won the claim), follow it (another live run has it), take it over (`--retry-failed`), or
-resolve it (claimed by a run that died, maybe before publishing: search the broker first).
+resolve it (held by a run that died, maybe before publishing, or its message lost since: search
+the broker first). A message this run sent that vanishes from the broker before any worker starts
+it (a purged queue, a Redis that lost its data) is sent again, so that no run waits forever.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -28,6 +31,8 @@ from producer.backfill.results import Outcome, ResultReader, TaskState
 from producer.backfill.rows import Row
 
 __all__ = ["Backfill", "Options", "decide"]
+
+log = logging.getLogger(__name__)
 
 IDLE_S = 0.2
 _POLL_WINDOW = 256
@@ -52,6 +57,10 @@ class _Tracked:
     task_id: str
     mine: bool
     checked_at: float
+    """When it was published (mine) or last settled (followed)."""
+    missing: bool = False
+    """Mine, never started, and its message was in neither the queue nor a worker's hands at the
+    last lost-message check: sent again if the next check finds the same."""
 
 
 def decide(*, won: bool, claim: Claim | None, state: TaskState, alive: set[str], retry_failed: bool) -> str:
@@ -64,7 +73,7 @@ def decide(*, won: bool, claim: Claim | None, state: TaskState, alive: set[str],
         return "takeover" if state.outcome.status == "failed" and retry_failed else "record"
     if won:
         return "publish"
-    if state.state == states.PENDING and claim.state == "claimed" and claim.run not in alive:
+    if state.state == states.PENDING and claim.run not in alive:
         return "resolve"
     return "follow"
 
@@ -89,6 +98,7 @@ class Backfill:
         self._exhausted = False
         self._cursor = 0
         self._beat_at = 0.0
+        self._lost_checked_at = time.monotonic()
 
     def run(self, rows: Iterator[Row]) -> None:
         """Work until every row has an outcome, or until `stop` is set (then leave the rest to a re-run)."""
@@ -170,8 +180,9 @@ class Backfill:
         return [(row, new) for (row, _, new), ok in zip(swaps, done, strict=True) if ok]
 
     def _resolve(self, items: Sequence[tuple[Row, Claim]]) -> list[tuple[Row, Claim]]:
-        """Rows claimed by a dead run that may not have published them: publish only those whose
-        message is neither in the broker nor finished (a result may have appeared meanwhile)."""
+        """Rows held by a dead run that may not have published them (or whose message was lost
+        since): publish only those whose message is neither in the broker nor finished (a result
+        may have appeared meanwhile)."""
         if not items:
             return []
         queued = find_queued(self.broker, {c.queue for _, c in items}, [c.task for _, c in items])
@@ -215,15 +226,47 @@ class Backfill:
         return bool(done)
 
     def _maintain(self) -> None:
-        """Renew the lease; now and then, look again at rows followed for another run (it may have died)."""
+        """Renew the lease; now and then, look for lost messages, and look again at rows followed for
+        another run (it may have died)."""
         now = time.monotonic()
         self._heartbeat()
+        if now - self._lost_checked_at > self.options.lease_s:
+            self._lost_checked_at = now
+            self._send_lost_again(now)
         stale = [
             t for t in self.tracked.values() if not t.mine and now - t.checked_at > self.options.lease_s / 2
         ]
         for entry in stale:
             del self.tracked[entry.task_id]
         self._settle([entry.row for entry in stale], retry_failed=False)
+
+    def _send_lost_again(self, now: float) -> None:
+        """Send again, with the same task id, this run's messages that are missing at two checks a
+        lease apart while their task never started. A worker keeps a message it has taken in the
+        unacked hash until it acknowledges it, so a missing message is lost, not in a worker's hands
+        (the second check covers the instant between its removal from the queue and its arrival in
+        the hash)."""
+        waiting = [t for t in self.tracked.values() if t.mine and now - t.checked_at > self.options.lease_s]
+        if not waiting:
+            return
+        task_states = self.results.states([t.task_id for t in waiting])
+        pending = [t.task_id for t, s in zip(waiting, task_states, strict=True) if s.state == states.PENDING]
+        queued = find_queued(self.broker, {self.options.queue}, pending) if pending else set()
+        lost = []
+        for entry, state in zip(waiting, task_states, strict=True):
+            if state.state != states.PENDING or entry.task_id in queued:
+                entry.missing = False
+            elif entry.missing:
+                lost.append(entry)
+                entry.missing, entry.checked_at = False, now
+            else:
+                entry.missing = True
+        if lost:
+            log.warning(
+                "%d messages vanished from the broker before a worker took them: sent again", len(lost)
+            )
+            self.publisher.publish([(t.task_id, t.row.message) for t in lost])
+            self.tally.resent += len(lost)
 
     def _heartbeat(self) -> None:
         if time.monotonic() - self._beat_at > self.options.lease_s / 3:
