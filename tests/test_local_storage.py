@@ -107,6 +107,19 @@ def test_a_write_that_fails_midway_leaves_no_file_under_the_final_name(
     assert storage.metadata("new.ogg") is None
 
 
+def test_metadata_that_describes_other_bytes_is_not_trusted(settings: Settings) -> None:
+    """Two jobs with the same session_id at once: one's audio lands after the other's metadata."""
+    storage = LocalStorage(settings)
+    storage.put("same.ogg", b"OggS from a", content_type="audio/ogg", metadata={"job-id": "a"})
+    assert storage.metadata("same.ogg") == {"job-id": "a"}
+    (settings.output_audio_dir / "same.ogg").write_bytes(b"OggS from b")
+    assert storage.metadata("same.ogg") == {}  # so a redelivered job "a" synthesises again
+    (settings.output_audio_dir / ".same.ogg.json").unlink()
+    assert storage.metadata("same.ogg") == {}
+    (settings.output_audio_dir / "same.ogg").unlink()
+    assert storage.metadata("same.ogg") is None
+
+
 def test_files_older_than_cleanup_days_are_removed(settings: Settings) -> None:
     storage = LocalStorage(replace(settings, cleanup_days=2))
     for name in ("old.ogg", "new.ogg", "sub/old.mp3"):

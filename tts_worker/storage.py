@@ -7,6 +7,7 @@ renamed into place. Each stored file carries the metadata a redelivered job rebu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -140,8 +141,10 @@ class LocalStorage:
     """Files under OUTPUT_AUDIO_DIR, for one host or a shared volume; no S3 needed.
 
     The URL is OUTPUT_BASE_URL + key when a web server publishes the directory, else a file:// URL
-    (URLs do not expire). Metadata lives in a hidden `.<name>.json` beside each file. Files older than
-    CLEANUP_DAYS are removed at start and then at most once an hour, as jobs store new ones."""
+    (URLs do not expire). Metadata lives in a hidden `.<name>.json` beside each file, with the digest
+    of the bytes it describes: two jobs writing the same name at once cannot pair one's audio with the
+    other's metadata unnoticed. Files older than CLEANUP_DAYS are removed at start and then at most
+    once an hour, as jobs store new ones."""
 
     SWEEP_EVERY_S = 3600.0
 
@@ -167,23 +170,29 @@ class LocalStorage:
     def put(self, key: str, data: bytes, *, content_type: str, metadata: Mapping[str, str]) -> None:
         """Write the metadata, then the audio, each to a temporary file renamed into place."""
         path = self._path(key)
+        described = {**metadata, _DIGEST: hashlib.sha256(data).hexdigest()}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomically(_sidecar(path), json.dumps(dict(metadata)).encode())
+            _write_atomically(_sidecar(path), json.dumps(described).encode())
             _write_atomically(path, data)
         except OSError as exc:
             raise StorageError(f"cannot write {key} to {self.describe()}: {exc.strerror or exc}") from exc
         self._sweep_if_due()
 
     def metadata(self, key: str) -> dict[str, str] | None:
+        """The metadata stored with `key`; empty when it is missing or describes other bytes (so the
+        job is done again), None when there is no such file."""
         path = self._path(key)
-        if not path.is_file():
-            return None
         try:
+            data = path.read_bytes()
             stored = json.loads(_sidecar(path).read_text())
+        except FileNotFoundError as exc:
+            return None if exc.filename == str(path) else {}
         except (OSError, ValueError):
-            return {}  # audio without (readable) metadata: not this job's, so it is made again
-        return {str(k): str(v) for k, v in stored.items()} if isinstance(stored, dict) else {}
+            return {}
+        if not isinstance(stored, dict) or stored.pop(_DIGEST, None) != hashlib.sha256(data).hexdigest():
+            return {}
+        return {str(k): str(v) for k, v in stored.items()}
 
     def url(self, key: str, *, expires_s: int) -> str:
         if self.base_url:
@@ -217,6 +226,9 @@ class LocalStorage:
         if not path.is_relative_to(self.root):
             raise StorageError(f"{key!r} is not a file name inside {self.describe()}")
         return path
+
+
+_DIGEST = "sha256"
 
 
 def _sidecar(path: Path) -> Path:
