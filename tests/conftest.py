@@ -28,7 +28,9 @@ from tts_worker.devstack import LOCAL_S3_KEYS, RedisServer, S3Server, WorkerProc
 from tts_worker.settings import Settings
 
 BUCKET = "tts-test"
-_databases = itertools.count(2, 2)  # 0 and 1 belong to the default producer
+databases = itertools.count(2, 2)
+"""Broker databases (each with the next for results) for workers and producers of their own; 0 and 1
+belong to the default producer."""
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +114,7 @@ class WorkerHandle:
 @pytest.fixture
 def fresh_db() -> int:
     """A broker database (and the next one, for results) that no worker uses yet."""
-    return next(_databases)
+    return next(databases)
 
 
 @pytest.fixture(scope="session")
@@ -124,7 +126,7 @@ def start_worker(
 
     def start(*, db: int | None = None, **extra: str) -> WorkerHandle:
         """`db` (and db + 1) are the worker's broker and result databases; fresh ones by default."""
-        db = next(_databases) if db is None else db
+        db = next(databases) if db is None else db
         name = f"w{db}"
         env = {
             **base_env,

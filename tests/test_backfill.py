@@ -352,8 +352,8 @@ def test_claims_of_a_dead_run_are_resolved_without_sending_twice(
     rows = tmp_path / "dead.jsonl"
     ids = write_rows(rows, 5)
     tasks = [naming.task_id("dead", i) for i in ids]
-    blocker = slow_worker.tts.delay(
-        text="Keep the only worker busy for a few seconds. " * 2, output_format="wav"
+    blocker = slow_worker.tts.delay(  # about 10 s: the run starts, and looks, long before it ends
+        text="Keep the only worker busy for a few seconds. " * 7, output_format="wav"
     )
     wait_for_state(blocker.id, slow_worker)
     broker = redis.Redis.from_url(slow_worker.env["CELERY_BROKER_URL"])
@@ -438,8 +438,12 @@ def test_interactive_jobs_overtake_a_backfill_backlog(
     job sent last is served as soon as the running backfill job ends."""
     publisher = Publisher(slow_worker.app, queue=BACKFILL_QUEUE, priority=9)
     backlog = [f"backfill:prio:{i}" for i in range(3)]
+    # The first job runs for a few seconds: time enough to send the interactive one while it runs.
+    texts = ["A backfill job that keeps the only worker busy for a few seconds. " * 2] + [
+        "A backfill job of one second."
+    ] * 2
     publisher.publish(
-        [(t, {"text": "A backfill job of one second.", "output_format": "wav"}) for t in backlog]
+        [(t, {"text": text, "output_format": "wav"}) for t, text in zip(backlog, texts, strict=True)]
     )
     wait_for_state(backlog[0], slow_worker)
     interactive = slow_worker.tts.delay(text="Me first.", output_format="wav")

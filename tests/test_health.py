@@ -73,19 +73,25 @@ def forget_torch() -> Iterator[None]:
 
 
 @pytest.fixture
-def no_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forget_torch: None) -> None:
-    """A `torch` that fails the test if anything imports it."""
+def torch_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forget_torch: None) -> Path:
+    """A `torch` that leaves this file behind when anything imports it (and then fails the import;
+    `sys.modules` forgets a failed import, and a check that breaks is only reported, so the file is
+    the evidence)."""
+    marker = tmp_path / "torch-was-imported"
     (tmp_path / "torch").mkdir()
-    (tmp_path / "torch" / "__init__.py").write_text("raise RuntimeError('torch was imported')\n")
+    (tmp_path / "torch" / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nraise RuntimeError('torch was imported')\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
+    return marker
 
 
 @pytest.mark.parametrize("engine", ["tone", "piper"])
-def test_cpu_engines_never_import_torch(base_env: dict[str, str], no_torch: None, engine: str) -> None:
+def test_cpu_engines_never_import_torch(base_env: dict[str, str], torch_imported: Path, engine: str) -> None:
     checks = health.run_checks({**base_env, "TTS_ENGINE": engine})
     assert {c.name: c.status for c in checks}["gpu"] == "skip"
     assert all(c.status != "fail" for c in checks), checks
-    assert "torch" not in sys.modules
+    assert not torch_imported.exists()
 
 
 @pytest.fixture
@@ -109,14 +115,14 @@ def statuses(env: dict[str, str]) -> dict[str, health.Check]:
 
 
 def test_the_gpu_is_reported_by_nvidia_smi_without_importing_torch(
-    gpu_env: dict[str, str], no_torch: None, tmp_path: Path
+    gpu_env: dict[str, str], torch_imported: Path, tmp_path: Path
 ) -> None:
     smi = tmp_path / "bin" / "nvidia-smi"
     smi.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 1 MiB, 81559 MiB'\n")
     smi.chmod(0o755)
     gpu = statuses(gpu_env)["gpu"]
     assert (gpu.status, gpu.details) == ("pass", "NVIDIA H100 80GB HBM3, 1 MiB, 81559 MiB")
-    assert "torch" not in sys.modules
+    assert not torch_imported.exists()
 
 
 @pytest.mark.parametrize(("available", "status"), [(True, "pass"), (False, "fail")])

@@ -30,7 +30,7 @@ from tts_worker.metrics import QueueDepthCollector, queue_depths
 pytestmark = pytest.mark.slow
 
 CREDENTIALS = "ops:correct-horse-battery"
-LONG_TEXT = " ".join(["This sentence is here to take up fifty characters."] * 3)  # 10 s of tone audio
+LONG_TEXT = " ".join(["This sentence is here to take up fifty characters."] * 6)  # 20 s of tone audio
 
 
 def http_get(url: str, credentials: str | None = None) -> tuple[int, str]:
@@ -112,6 +112,11 @@ def flower(worker: WorkerHandle, stack_dir: Path) -> Iterator[Flower]:
         process.stop()
 
 
+def _le(bound: float) -> str:
+    """A bucket bound as prometheus_client writes it in the `le` label."""
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
 def worker_metrics(worker: WorkerHandle) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """{(sample name, labels): value} from the worker's /metrics."""
     status, text = http_get(f"http://127.0.0.1:{worker.env['METRICS_PORT']}/metrics")
@@ -135,17 +140,17 @@ def test_a_long_job_is_seen_running_and_done_and_the_worker_stays_online(
     worker: WorkerHandle, flower: Flower
 ) -> None:
     name = worker.process.name
-    result = worker.tts.delay(text=LONG_TEXT, max_chars_per_chunk=60)
+    result = worker.tts.delay(text=LONG_TEXT, max_chars_per_chunk=110)  # 3 chunks of about 3 s each
     progress = wait_for_progress(result)
     assert progress["chunks"] == 3 and 1 <= progress["chunk"] < 3  # PROGRESS, through AsyncResult
     # While the child synthesises, the parent still answers and Flower still counts the worker online.
     assert worker.app.control.inspect(destination=[name], timeout=3).ping() == {name: {"ok": "pong"}}
     assert flower.get("/api/workers?status=true") == (200, {name: True})
     assert not result.ready()
-    result.get(timeout=60)
+    outcome = result.get(timeout=60)
     task = flower.task(result.id, "SUCCESS")
     assert (task["name"], task["worker"], task["args"]) == ("tts.synthesize", name, "()")
-    assert task["runtime"] > 2  # about 5 s of synthesis at TONE_RTF=0.5
+    assert task["runtime"] >= sum(outcome["metadata"]["timings"].values())  # the whole job, as run
     assert "This sentence is here" in task["kwargs"]
 
 
@@ -189,17 +194,24 @@ def test_flower_refuses_to_start_without_credentials(worker: WorkerHandle) -> No
 
 
 def test_the_worker_serves_job_metrics(worker: WorkerHandle) -> None:
-    worker.tts.delay(text="Measure me, please.").get(timeout=30)
+    before = worker_metrics(worker)
+    meta = worker.tts.delay(text="Measure me, please.").get(timeout=30)["metadata"]
     metrics = worker_metrics(worker)
-    tone = (("engine", "tone"),)
-    assert metrics[("tts_jobs_succeeded_total", tone)] >= 1
-    assert metrics[("tts_jobs_started_total", ())] >= 1
-    assert metrics[("tts_job_audio_seconds_count", tone)] >= 1
-    assert metrics[("tts_job_audio_seconds_sum", tone)] > 1
-    assert metrics[("tts_job_synthesis_seconds_sum", tone)] > 0.5
-    # TONE_RTF=0.5: every job's real-time factor is a little over 0.5, under 0.75.
-    assert metrics[("tts_job_rtf_bucket", (("engine", "tone"), ("le", "0.5")))] == 0
-    assert metrics[("tts_job_rtf_bucket", (("engine", "tone"), ("le", "0.75")))] >= 1
+
+    def grew(name: str, *labels: tuple[str, str]) -> float:
+        return metrics.get((name, labels), 0) - before.get((name, labels), 0)
+
+    tone = ("engine", "tone")
+    assert grew("tts_jobs_succeeded_total", tone) == grew("tts_jobs_started_total") == 1
+    assert grew("tts_job_audio_seconds_count", tone) == 1
+    assert grew("tts_job_audio_seconds_sum", tone) == pytest.approx(meta["duration"])
+    assert grew("tts_job_synthesis_seconds_sum", tone) == pytest.approx(meta["timings"]["synthesis_s"])
+    # The job's real-time factor lands in the first bucket that holds it, and in none below.
+    bounds = sorted(float(dict(labels)["le"]) for name, labels in metrics if name == "tts_job_rtf_bucket")
+    first = next(b for b in bounds if meta["rtf"] <= b)
+    assert [grew("tts_job_rtf_bucket", tone, ("le", _le(b))) for b in bounds] == [
+        0 if b < first else 1 for b in bounds
+    ]
     assert metrics[("tts_broker_up", ())] == 1
     assert metrics[("tts_queue_depth", (("queue", "tts"),))] == 0
     assert ("tts_queue_depth", (("queue", "tts.backfill"),)) in metrics

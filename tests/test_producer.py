@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,8 +13,10 @@ import redis
 
 import producer
 from producer import InvalidRequest, TTSRequest, parse_request
-from producer.app import TTSTask
+from producer.app import TTSTask, create_app
 from producer.config import ConfigError, ProducerConfig
+from tests.conftest import databases
+from tts_worker.devstack import RedisServer
 
 VALID = {"text": "Hello there."}
 
@@ -126,9 +129,9 @@ def test_defaults_follow_the_format() -> None:
 
 def test_text_limit_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MAX_TEXT_CHARS", "20")
-    assert ProducerConfig.from_env().max_text_chars == 20
-    with pytest.raises(InvalidRequest, match="at most 20 characters"):
-        parse_request({"text": "x" * 21}, max_text_chars=20)
+    limited = TTSTask(create_app(ProducerConfig.from_env(), name="limited"))
+    with pytest.raises(InvalidRequest, match=r"text: .*at most 20 characters"):
+        limited.delay(text="x" * 21)  # refused before any broker is reached
     monkeypatch.setenv("MAX_TEXT_CHARS", "lots")
     with pytest.raises(ConfigError, match="MAX_TEXT_CHARS"):
         ProducerConfig.from_env()
@@ -141,24 +144,45 @@ def test_request_model_is_frozen() -> None:
     assert isinstance(request, TTSRequest)
 
 
+@pytest.fixture(scope="module")
+def unserved_db() -> int:
+    return next(databases)
+
+
+@pytest.fixture
+def unserved(redis_server: RedisServer, unserved_db: int) -> Iterator[tuple[TTSTask, redis.Redis]]:
+    """A producer on databases no worker reads, and a client of its broker database, emptied first:
+    what is sent stays there."""
+    config = ProducerConfig(
+        broker_url=f"{redis_server.url}/{unserved_db}", result_backend=f"{redis_server.url}/{unserved_db + 1}"
+    )
+    app = create_app(config, name="unserved")
+    client = redis.Redis.from_url(config.broker_url)
+    client.flushdb()
+    yield TTSTask(app), client
+    client.close()
+    app.close()
+
+
 @pytest.mark.parametrize(("fields", "field", "rule"), BAD_REQUESTS, ids=lambda v: str(v)[:40])
 def test_nothing_is_enqueued_for_a_bad_request(
-    fields: dict[str, Any], field: str, rule: str, redis_client: redis.Redis, default_producer: TTSTask
+    fields: dict[str, Any], field: str, rule: str, unserved: tuple[TTSTask, redis.Redis]
 ) -> None:
+    tts, broker = unserved
     with pytest.raises(InvalidRequest, match=field):
-        default_producer.delay(**fields)
+        tts.delay(**fields)
     with pytest.raises(InvalidRequest, match=field):
-        default_producer.apply_async(kwargs=fields, priority=3)
-    assert redis_client.llen("tts") == 0
-    assert [k for k in redis_client.scan_iter() if not k.startswith(b"_kombu.binding.")] == []
+        tts.apply_async(kwargs=fields, priority=3)
+    assert [k for k in broker.scan_iter() if not k.startswith(b"_kombu.binding.")] == []
 
 
-def test_a_good_request_is_enqueued_by_name(redis_client: redis.Redis, default_producer: TTSTask) -> None:
-    result = default_producer.apply_async(kwargs={"text": "Hello."}, task_id="fixed-id")
+def test_a_good_request_is_enqueued_by_name(unserved: tuple[TTSTask, redis.Redis]) -> None:
+    tts, broker = unserved
+    result = tts.apply_async(kwargs={"text": "Hello."}, task_id="fixed-id")
     assert result.id == "fixed-id"
-    [raw] = redis_client.lrange("tts", 0, -1)
+    [raw] = broker.lrange("tts", 0, -1)
     message = json.loads(raw)
     assert message["headers"]["task"] == "tts.synthesize"
     assert message["headers"]["id"] == "fixed-id"
     with pytest.raises(TypeError, match="keyword"):
-        default_producer.apply_async(("Hello",))
+        tts.apply_async(("Hello",))

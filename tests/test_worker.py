@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 from celery.result import AsyncResult
 
 import producer
@@ -131,11 +132,29 @@ def test_a_job_whose_process_is_killed_is_completed_once_after_recovery(
     outcome = result.get(timeout=90)
     assert outcome["status"] == "completed"
     assert slow_worker.pool_pids() != [child]  # a fresh child took the job over
+    wait_until_idle(slow_worker)  # so that a duplicate delivery, if there were one, would have run
     log = slow_worker.process.log()
     assert "WorkerLostError" in log or "SIGKILL" in log
-    time.sleep(1)  # give a duplicate delivery, if there were one, time to show
-    assert log.count(f"job {result.id} done") == 1 == slow_worker.process.log().count(f"job {result.id} done")
+    # Started twice (the killed run and the recovery), finished once.
+    assert (log.count(f"job {result.id} start"), log.count(f"job {result.id} done")) == (2, 1)
     assert s3.list_objects_v2(Bucket="tts-test", Prefix=result.id)["KeyCount"] == 1
+
+
+def wait_until_idle(worker: WorkerHandle, timeout: float = 60) -> None:
+    """Until the worker runs and holds no job and its queues are empty."""
+    broker = redis.Redis.from_url(worker.env["CELERY_BROKER_URL"])
+    inspect = worker.app.control.inspect(destination=[worker.process.name], timeout=5)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            queued = sum(broker.llen(q) for q in ("tts", "tts.backfill"))
+            held = [*(inspect.active() or {}).values(), *(inspect.reserved() or {}).values()]
+            if not queued and held and not any(held):
+                return
+            assert time.monotonic() < deadline, f"worker still busy: {queued} queued, holding {held}"
+            time.sleep(0.2)
+    finally:
+        broker.close()
 
 
 def test_the_running_worker_has_the_designed_configuration(tone_worker: WorkerHandle) -> None:
