@@ -12,6 +12,7 @@ import itertools
 import os
 import socket
 import socketserver
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,6 +32,19 @@ BUCKET = "tts-test"
 databases = itertools.count(2, 2)
 """Broker databases (each with the next for results) for workers and producers of their own; 0 and 1
 belong to the default producer."""
+
+
+FAKE_INDEXTTS = Path(__file__).parent / "fake_indextts"
+"""The stand-in `indextts` package (see its module's docstring for what it copies and its cues)."""
+
+
+@pytest.fixture
+def stand_in(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Import `indextts` from the stand-in for this test only."""
+    monkeypatch.syspath_prepend(str(FAKE_INDEXTTS))
+    yield
+    for name in [m for m in sys.modules if m == "indextts" or m.startswith("indextts.")]:
+        del sys.modules[name]
 
 
 @pytest.fixture(scope="session")

@@ -22,20 +22,10 @@ from producer.app import TTSTask, create_app
 from producer.config import ProducerConfig
 from producer.errors import EngineUnusable, GPUOutOfMemory, InvalidRequest
 from producer.schema import parse_request
+from tests.conftest import FAKE_INDEXTTS
 from tts_worker.engines.base import GenerationOptions, VoiceInputs
 from tts_worker.pipeline import generation_options, voice_inputs
 from tts_worker.settings import Settings
-
-FAKE = Path(__file__).parent / "fake_indextts"
-
-
-@pytest.fixture
-def stand_in(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Import `indextts` from the stand-in for this test only."""
-    monkeypatch.syspath_prepend(str(FAKE))
-    yield
-    for name in [m for m in sys.modules if m == "indextts" or m.startswith("indextts.")]:
-        del sys.modules[name]
 
 
 @pytest.fixture
@@ -277,7 +267,7 @@ def indextts2_worker(
     calls, fired = workdir / "calls.jsonl", workdir / "assert-fired"
     handle = start_worker(
         TTS_ENGINE="indextts2", CHECKPOINTS_DIR=str(workdir / "checkpoints"), DEFAULT_VOICE="alice",
-        PYTHONPATH=os.pathsep.join([str(FAKE), os.environ.get("PYTHONPATH", "")]),
+        PYTHONPATH=os.pathsep.join([str(FAKE_INDEXTTS), os.environ.get("PYTHONPATH", "")]),
         FAKE_INDEXTTS_LOG=str(calls), FAKE_INDEXTTS_ASSERT_ONCE=str(fired),
     )  # fmt: skip
     yield handle, calls, fired
@@ -326,7 +316,7 @@ def test_a_worker_that_cannot_load_its_model_stops_and_its_jobs_stay_queued(
     env = {
         **base_env, "TTS_ENGINE": "indextts2", "CHECKPOINTS_DIR": str(tmp_path / "checkpoints"),
         "DEFAULT_VOICE": "alice", "FAKE_INDEXTTS_LOAD_S": str(load_s),
-        "PYTHONPATH": os.pathsep.join([str(FAKE), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(FAKE_INDEXTTS), os.environ.get("PYTHONPATH", "")]),
         "CELERY_BROKER_URL": f"{redis_server.url}/{fresh_db}",
         "CELERY_RESULT_BACKEND": f"{redis_server.url}/{fresh_db + 1}",
     }  # fmt: skip

@@ -11,6 +11,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,12 +20,10 @@ import runpod
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producer.errors import EngineUnusable
 from tts_worker import runpod_handler, runtime
 from tts_worker.audio import join_chunks
 from tts_worker.engines.base import NO_OPTIONS, Audio, GenerationOptions, VoiceInputs
 from tts_worker.engines.tone import ToneEngine
-from tts_worker.pipeline import Services
 from tts_worker.streaming import StreamJoiner
 
 TEXT = "The first sentence is here. The second one follows it! And a third, to be sure?"
@@ -181,19 +180,23 @@ def test_bad_input_gets_a_clear_error_and_no_traceback(shim: None, fields: Any, 
     assert "Traceback" not in outcome["error"]
 
 
-class PoisonedEngine(ToneEngine):
-    def synthesize(self, text: str, voice: VoiceInputs, options: GenerationOptions = NO_OPTIONS) -> Audio:
-        raise EngineUnusable("CUDA error: device-side assert triggered")
-
-
 def test_an_engine_that_poisons_the_gpu_makes_runpod_replace_the_worker(
-    shim: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    shim: None,
+    stand_in: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
 ) -> None:
-    services: Services = replace(runtime.services(), engine=PoisonedEngine())
-    monkeypatch.setattr(runtime, "services", lambda: services)
+    """The real indextts2 engine over the stand-in, whose CUDA context breaks on cue."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "config.yaml").write_text("version: 2.0\n")
+    for name, value in {"TTS_ENGINE": "indextts2", "CHECKPOINTS_DIR": str(tmp_path / "checkpoints"),
+                        "DEFAULT_VOICE": "alice"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
     monkeypatch.setitem(runpod_handler.RUNPOD_CONFIG, "refresh_worker", False)
     for stream in (False, True):
-        [outcome] = run({"text": "Hi.", "stream": stream})
+        monkeypatch.setenv("FAKE_INDEXTTS_ASSERT_ONCE", str(tmp_path / f"fired-{stream}"))
+        [outcome] = run({"text": "This <assert> breaks CUDA.", "stream": stream})
         assert outcome["refresh_worker"] is True and "device-side assert" in outcome["error"]
     # A generator's output cannot carry refresh_worker: the SDK reads it from the config after the job.
     assert runpod_handler.RUNPOD_CONFIG["refresh_worker"] is True
