@@ -179,18 +179,31 @@ RUNPOD_CONFIG: dict[str, Any] = {"handler": handler, "return_aggregate_stream": 
 _ON_RUNPOD = bool(os.environ.get("RUNPOD_WEBHOOK_GET_JOB"))  # RunPod's own variable, as its SDK reads it
 
 
+USAGE = """usage: python -m tts_worker.runpod_handler [--warmup | --test_input JSON | --rp_serve_api]
+
+Loads and warms the engine, then:
+  (no flag)          serves RunPod jobs (on RunPod, where RUNPOD_WEBHOOK_GET_JOB is set)
+  --warmup           exits: the seed's flag, to fill the model's caches ahead of traffic (no storage needed)
+  --test_input JSON  runs one job here, as the runpod SDK's local mode does, and exits
+  --rp_serve_api     serves the runpod SDK's local test API (its other --rp_* flags apply)"""
+
+
 def main(argv: list[str] | None = None) -> None:
     """Load and warm the engine, then serve RunPod jobs (or run `--test_input` once and exit)."""
     argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(USAGE)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if "--warmup" in argv:  # fill the caches (e.g. at image build) and exit: no storage needed
+            runtime.engine()
+            return
         runtime.services()  # warm before the first job, as the Celery worker is
     except SettingsError as exc:
         raise SystemExit(f"tts_worker: bad setting: {exc}") from None
     except Exception as exc:
         raise SystemExit(f"tts_worker: cannot load the engine: {exc}") from None
-    if "--warmup" in argv:  # the seed's flag: fill the caches (e.g. at image build) and exit
-        return
     given = {arg.split("=")[0] for arg in argv}
     local = "--test_input" in given or not (_ON_RUNPOD or "--rp_serve_api" in given)  # as the SDK decides
     runpod.serverless.start({**RUNPOD_CONFIG, "handler": _run_locally} if local else RUNPOD_CONFIG)
