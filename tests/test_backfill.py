@@ -136,6 +136,16 @@ def test_row_ids_map_to_safe_disjoint_names() -> None:
     assert naming.next_task_id("backfill:ns:42:2") == "backfill:ns:42:3"
 
 
+@pytest.mark.parametrize(
+    ("file", "namespace"),
+    [("chapters.jsonl", "chapters"), ("book.part1.jsonl", "book-part1"), ("book.part2.csv", "book-part2"),
+     ("Ünïcode list.csv", "n-code-list"), ("...jsonl", "backfill")],
+)  # fmt: skip
+def test_the_default_namespace_is_the_file_name_without_its_extension(file: str, namespace: str) -> None:
+    assert naming.namespace_for(Path(file)) == namespace
+    assert naming.valid_namespace(namespace)
+
+
 def test_csv_cells_take_their_column_types_and_ids_follow_content(tmp_path: Path) -> None:
     (tmp_path / "a.csv").write_text(
         "id,text,enable_chunking,max_chars_per_chunk,emo_alpha,emo_vector\n"

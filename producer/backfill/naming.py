@@ -55,9 +55,9 @@ def valid_namespace(namespace: str) -> bool:
 
 
 def namespace_for(path: Path) -> str:
-    """The default namespace: the input file's name without its extension, made plain."""
-    stem = path.name.split(".", 1)[0]
-    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-_")[:40]
+    """The default namespace: the input file's name without its extension, made plain (other dots
+    become dashes, so `book.part1.jsonl` and `book.part2.jsonl` keep apart)."""
+    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "-", path.stem).strip("-_")[:40]
     return cleaned or "backfill"
 
 
