@@ -104,16 +104,15 @@ class TTSRequest(BaseModel):
             raise _FieldError("sample_rate", f"{fmt.name} allows {allowed} (got {self.sample_rate})")
         if self.bitrate is None:
             return self
-        kbps_range = fmt.bitrate_range_kbps(self.effective_sample_rate)
-        if kbps_range is None:
+        if fmt.lossless:
             raise _FieldError("bitrate", f"{fmt.name} is lossless and takes no bitrate")
         try:
             kbps = parse_bitrate(self.bitrate)
         except ValueError as exc:
             raise _FieldError("bitrate", str(exc)) from None
-        low, high = kbps_range
-        if not low <= kbps <= high:
-            allowed = f"{fmt.name} at {self.effective_sample_rate} Hz allows {low}k to {high}k"
+        rate = self.effective_sample_rate
+        if kbps not in fmt.bitrates_kbps(rate):
+            allowed = f"{fmt.name} at {rate} Hz allows {fmt.describe_bitrates(rate)}"
             raise _FieldError("bitrate", f"{allowed} (got {self.bitrate})")
         return self
 
@@ -124,8 +123,9 @@ class TTSRequest(BaseModel):
 
     @property
     def effective_bitrate(self) -> str | None:
-        """The output bitrate: the one asked for, else the format's default (None when lossless)."""
-        return self.bitrate or FORMATS[self.output_format].default_bitrate
+        """The output bitrate: the one asked for, else the format's default at the output rate (None
+        when lossless)."""
+        return self.bitrate or FORMATS[self.output_format].default_bitrate(self.effective_sample_rate)
 
     def to_message(self) -> dict[str, Any]:
         """The fields the caller set, as JSON-ready kwargs for the task message."""

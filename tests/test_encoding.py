@@ -67,6 +67,35 @@ def test_every_format_decodes_with_its_settings(
     assert np.sqrt(np.mean(pcm.astype(np.float64) ** 2)) > 1000  # not silent
 
 
+@pytest.mark.parametrize("rate", [8000, 16000, 24000, 44100])
+def test_every_mp3_bitrate_allowed_is_the_bitrate_written(rate: int) -> None:
+    """libmp3lame rounds a bitrate its MPEG version lacks to a neighbour: the table must hold only
+    bitrates it keeps as they are."""
+    for kbps in FORMATS["mp3"].bitrates_kbps(rate):
+        data = encode(
+            AUDIO[:22050], input_rate=22050, fmt=FORMATS["mp3"], sample_rate=rate, bitrate=f"{kbps}k"
+        )
+        assert int(probe(data)["bit_rate"]) == kbps * 1000, f"{kbps}k at {rate} Hz"
+
+
+@pytest.mark.parametrize("rate", [8000, 11025, 24000, 48000])
+def test_aac_allows_bitrates_up_to_where_ffmpeg_starts_clamping(rate: int) -> None:
+    """ffmpeg's aac encoder warns and clamps above 6144 bits per 1024-sample frame: the highest
+    bitrate allowed must pass without that warning (unless 320k caps it first), one more must not."""
+    top = FORMATS["aac"].bitrates_kbps(rate)[-1]
+
+    def clamps(kbps: int) -> bool:
+        done = subprocess.run(
+            ["ffmpeg", "-nostdin", "-loglevel", "warning", "-f", "s16le", "-ar", "22050", "-ac", "1",
+             "-i", "pipe:0", "-c:a", "aac", "-ar", str(rate), "-b:a", f"{kbps}k", "-f", "adts", "pipe:1"],
+            input=AUDIO[:22050].astype("<i2").tobytes(), capture_output=True, check=True,
+        )  # fmt: skip
+        return b"clamping" in done.stderr
+
+    assert not clamps(top)
+    assert top == 320 or clamps(top + 1)
+
+
 @pytest.mark.parametrize("name", ["wav", "flac"])
 def test_lossless_headers_carry_the_true_length(name: str) -> None:
     """ffmpeg writing to a pipe cannot fill these in; libsndfile writing to memory does."""

@@ -52,8 +52,13 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str, str]] = [
     ({**VALID, "output_format": "ogg"}, "output_format", "opus"),
     ({**VALID, "bitrate": "fast"}, "bitrate", "128k"),
     ({**VALID, "bitrate": "300k"}, "bitrate", "6k to 256k"),
-    ({**VALID, "output_format": "mp3", "bitrate": "192k"}, "bitrate", "8k to 160k"),
-    ({**VALID, "output_format": "mp3", "sample_rate": 44100, "bitrate": "384k"}, "bitrate", "32k to 320k"),
+    ({**VALID, "output_format": "mp3", "bitrate": "192k"}, "bitrate", "at 24000 Hz allows 8k, 16k, "),
+    ({**VALID, "output_format": "mp3", "bitrate": "150k"}, "bitrate", "144k or 160k (got 150k)"),
+    ({**VALID, "output_format": "mp3", "sample_rate": 44100, "bitrate": "384k"}, "bitrate", "256k or 320k"),
+    ({**VALID, "output_format": "mp3", "sample_rate": 8000, "bitrate": "80k"}, "bitrate", "56k or 64k"),
+    ({**VALID, "output_format": "aac", "bitrate": "320k"}, "bitrate", "aac at 24000 Hz allows 16k to 144k"),
+    ({**VALID, "output_format": "aac", "sample_rate": 8000, "bitrate": "64k"}, "bitrate", "16k to 48k"),
+    ({**VALID, "output_format": "aac", "bitrate": "8k"}, "bitrate", "16k to 144k"),
     ({**VALID, "output_format": "wav", "bitrate": "128k"}, "bitrate", "lossless"),
     ({**VALID, "output_format": "flac", "bitrate": "64k"}, "bitrate", "lossless"),
     ({**VALID, "sample_rate": 22050}, "sample_rate", "opus allows 8000, 12000, 16000, 24000, 48000"),
@@ -124,6 +129,12 @@ def test_defaults_follow_the_format() -> None:
     assert (opus.output_format, opus.effective_bitrate, opus.effective_sample_rate) == ("opus", "128k", 24000)
     wav = parse_request({**VALID, "output_format": "wav"})
     assert wav.effective_bitrate is None
+    # 128k, unless the codec cannot carry that much at the output rate
+    lowered = [("mp3", 8000, "64k"), ("aac", 8000, "48k"), ("aac", 16000, "96k"),
+               ("aac", 24000, "128k"), ("mp3", 16000, "128k"), ("opus", 8000, "128k")]  # fmt: skip
+    for fmt, rate, bitrate in lowered:
+        request = parse_request({**VALID, "output_format": fmt, "sample_rate": rate})
+        assert request.effective_bitrate == bitrate
     assert opus.to_message() == VALID  # only what the caller set travels
 
 
