@@ -13,9 +13,10 @@ import soundfile
 
 from producer.errors import EncodingError, StorageError, TransientError, UnknownVoice, UnreadableText
 from producer.schema import parse_request
+from tts_worker.chunking import split_text
 from tts_worker.engines.base import NO_OPTIONS, Audio, GenerationOptions, VoiceInputs
 from tts_worker.engines.tone import ToneEngine
-from tts_worker.pipeline import Services, run_job
+from tts_worker.pipeline import Services, run_job, text_chunks
 from tts_worker.settings import Settings
 from tts_worker.storage import S3Storage
 
@@ -86,8 +87,11 @@ def test_a_redelivered_job_returns_the_stored_result_without_synthesising(
     second = run_job(request, counted, job_id=job_id)
     assert Counting.calls == 1
     assert second["s3_key"] == first["s3_key"]
-    assert second["metadata"]["duration"] == first["metadata"]["duration"]
-    assert second["metadata"]["reused"] is True
+    # The same result, field for field and type for type, but for what this delivery did not do.
+    reused = dict(second["metadata"])
+    assert reused.pop("reused") is True
+    assert reused.pop("timings") == {**first["metadata"]["timings"], "upload_s": 0.0}
+    assert reused == {key: value for key, value in first["metadata"].items() if key != "timings"}
     # Another job reusing the session id is new work, not a redelivery: it replaces the audio.
     run_job(parse_request({"text": TEXT, "session_id": job_id}), counted, job_id="other-job")
     assert Counting.calls == 2
@@ -96,11 +100,56 @@ def test_a_redelivered_job_returns_the_stored_result_without_synthesising(
 def test_voice_inputs_are_checked_and_the_result_says_they_were_not_cloned(
     services: Services, voices_dir: Path, job_id: str
 ) -> None:
-    result = run_job(parse_request({"text": "Hi.", "speaker_voice": "alice"}), services, job_id=job_id)
+    request = parse_request({"text": "Hi.", "speaker_voice": "alice"})
+    result = run_job(request, services, job_id=job_id)
     assert result["metadata"]["voice_cloning"] is False
     assert "tone speaks with its own voice" in result["metadata"]["note"]
+    again = run_job(request, services, job_id=job_id)["metadata"]  # a redelivery says so too
+    assert again["reused"] is True and again["voice_cloning"] is False
+    assert again["note"] == result["metadata"]["note"]
     with pytest.raises(UnknownVoice, match=r"available: alice\.wav"):
         run_job(parse_request({"text": "Hi.", "emo_audio_prompt": "nobody"}), services, job_id=job_id)
+
+
+SENTENCES = ["The first sentence is here.", "The second one follows it!", "And a third, to be sure?"]
+TONE_SAMPLES = [len(sentence) * (22050 // 15) for sentence in SENTENCES]  # the tone engine's length
+
+
+@pytest.mark.parametrize(
+    ("fields", "chunks", "samples"),
+    [
+        ({"max_chars_per_chunk": 50}, 3, sum(TONE_SAMPLES) - 2 * 2205),  # 100 ms crossfades
+        ({"max_chars_per_chunk": 50, "crossfade_ms": 300}, 3, sum(TONE_SAMPLES) - 2 * 6615),
+        ({"max_chars_per_chunk": 50, "enable_crossfade": False}, 3, sum(TONE_SAMPLES)),  # end to end
+        ({"max_chars_per_chunk": 50, "crossfade_ms": 0}, 3, sum(TONE_SAMPLES)),
+        ({"max_chars_per_chunk": 50, "enable_chunking": False}, 1, len(TEXT) * (22050 // 15)),
+    ],
+)
+def test_chunking_and_crossfade_fields_shape_the_audio(
+    services: Services, job_id: str, fields: dict[str, Any], chunks: int, samples: int
+) -> None:
+    meta = run_job(parse_request({"text": TEXT, **fields, "output_format": "wav"}), services,
+                   job_id=job_id)["metadata"]  # fmt: skip
+    assert meta["chunks"] == chunks
+    assert meta["duration"] == pytest.approx(samples / 22050, abs=0.001)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "She paused" + " ..." * 20 + " Then she left.",  # a chunk of dots alone at 50 characters
+        "... " * 30 + "and then she spoke.",  # punctuation first
+        "It ended. " + "— " * 40,  # punctuation last
+        "\u4ed6\u8d70\u4e86\u3002 " + "\u3002 " * 80 + "\u5979\u7b11\u4e86\u3002",  # CJK full stops alone
+    ],
+)
+def test_punctuation_alone_joins_a_neighbour_instead_of_failing_the_job(text: str) -> None:
+    """Piper speaks nothing for "...", and IndexTTS2 fails: no chunk may hold only punctuation."""
+    pieces = split_text(text, 50)
+    assert any(not any(char.isalnum() for char in piece) for piece in pieces)  # the case arises
+    chunks = text_chunks(parse_request({"text": text, "max_chars_per_chunk": 50}))
+    assert all(any(char.isalnum() for char in chunk) for chunk in chunks), chunks
+    assert "".join("".join(chunks).split()) == "".join(text.split())  # nothing lost but white space
 
 
 def test_unreadable_text_is_a_permanent_error(services: Services, job_id: str) -> None:

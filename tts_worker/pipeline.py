@@ -8,8 +8,10 @@ synthesising twice.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -68,15 +70,13 @@ def run_job(
     )  # fmt: skip
     encoded = time.perf_counter()
     meta = _metadata(request, services.engine, fmt, audio=audio, chunks=len(chunks))
-    services.storage.put(key, data, content_type=fmt.content_type, metadata=_encode_meta(meta, job_id))
-    uploaded = time.perf_counter()
-
     meta["timings"] = {
         "synthesis_s": round(synthesized - started, 3),
         "encode_s": round(encoded - synthesized, 3),
-        "upload_s": round(uploaded - encoded, 3),
     }
     meta["rtf"] = round((synthesized - started) / meta["duration"], 4) if meta["duration"] else None
+    services.storage.put(key, data, content_type=fmt.content_type, metadata=_encode_meta(meta, job_id))
+    meta["timings"]["upload_s"] = round(time.perf_counter() - encoded, 3)
     return _result(services, key=key, filename=filename, expires=expires, meta=meta)
 
 
@@ -90,11 +90,27 @@ def log_done(job_id: str, result: dict[str, Any]) -> None:
 
 
 def text_chunks(request: TTSRequest) -> list[str]:
-    """The pieces of the request's text the engine speaks one by one, stripped, none empty."""
+    """The pieces of the request's text the engine speaks one by one, stripped, none empty.
+
+    A piece of punctuation alone ("...", "—", a closing bracket cut off by the size limit) makes
+    no sound in any engine (Piper returns nothing, IndexTTS2 fails), so it joins its neighbour
+    instead of failing the job; a chunk may then run over the limit by that punctuation.
+    """
     pieces = (
         split_text(request.text, request.max_chars_per_chunk) if request.enable_chunking else [request.text]
     )
-    return [piece.strip() for piece in pieces if piece.strip()]
+    chunks: list[str] = []
+    for piece in pieces:
+        if chunks and not (_speakable(piece) and _speakable(chunks[-1])):
+            chunks[-1] += piece
+        else:
+            chunks.append(piece)
+    return [chunk.strip() for chunk in chunks if chunk.strip()]
+
+
+def _speakable(text: str) -> bool:
+    """Whether `text` holds anything but punctuation and white space (letters, digits, symbols)."""
+    return any(not (char.isspace() or unicodedata.category(char).startswith("P")) for char in text)
 
 
 def _synthesize(
@@ -177,28 +193,18 @@ def _metadata(
     return meta
 
 
-_META_KEYS = ("duration", "chunks", "engine", "device", "sample_rate", "codec", "bitrate")
-
-
 def _encode_meta(meta: dict[str, Any], job_id: str) -> dict[str, str]:
-    """S3 user metadata (strings only) from which a redelivered job rebuilds its result."""
-    return {"job-id": job_id, **{key.replace("_", "-"): str(meta[key]) for key in _META_KEYS}}
+    """S3 user metadata (ASCII strings) from which a redelivered job rebuilds its result: every
+    field of `meta` as JSON, so that types survive the round trip."""
+    return {"job-id": job_id, **{key.replace("_", "-"): json.dumps(value) for key, value in meta.items()}}
 
 
 def _decode_meta(stored: dict[str, str]) -> dict[str, Any]:
-    def get(key: str) -> str:
-        return stored.get(key.replace("_", "-"), "")
-
-    return {
-        "sample_rate": int(get("sample_rate") or 0),
-        "codec": get("codec"),
-        "bitrate": None if get("bitrate") in ("", "None") else get("bitrate"),
-        "duration": float(get("duration") or 0),
-        "device": get("device"),
-        "engine": get("engine"),
-        "chunks": int(get("chunks") or 0),
-        "reused": True,
-    }
+    """The result metadata recorded with the audio. Its timings are those of the delivery that made
+    it; nothing was uploaded this time, so `upload_s` is 0."""
+    meta = {key.replace("-", "_"): json.loads(value) for key, value in stored.items() if key != "job-id"}
+    meta["timings"] = {**meta.get("timings", {}), "upload_s": 0.0}
+    return {**meta, "reused": True}
 
 
 def _result(
