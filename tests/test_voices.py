@@ -66,14 +66,20 @@ def test_refusals_say_why(voices: Path, name: str, words: str) -> None:
     assert str(caught.value).startswith("speaker_voice: ")
     assert caught.value.field == "speaker_voice"
     assert isinstance(caught.value, InvalidRequest)
+    # Every refusal lists the voices a request may name: not the link out, not the broken files.
+    assert str(caught.value).endswith("; available: alice.wav, bob.flac, inside.wav")
 
 
-def test_unknown_voice_lists_the_voices_that_exist(voices: Path) -> None:
-    with pytest.raises(UnknownVoice, match=r"available: alice\.wav, bob\.flac, empty\.wav"):
-        resolve("carol", voices)
+def test_available_voices_are_those_that_resolve(voices: Path) -> None:
+    (voices / "folder.wav").mkdir()
+    (voices / "readme.txt").write_text("not a voice")
+    assert available_voices(voices, max_seconds=4) == ["alice.wav", "bob.flac", "inside.wav"]
+    assert available_voices(voices, max_seconds=10) == ["alice.wav", "bob.flac", "inside.wav", "long.wav"]
+    for name in available_voices(voices, max_seconds=4):
+        assert resolve(name, voices).is_file()
 
 
 def test_missing_directory_says_so(tmp_path: Path) -> None:
     with pytest.raises(UnknownVoice, match="no voices are installed there"):
         resolve("alice", tmp_path / "nowhere")
-    assert available_voices(tmp_path / "nowhere") == []
+    assert available_voices(tmp_path / "nowhere", max_seconds=60) == []

@@ -20,8 +20,12 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
 
 def resolve_voice(name: str, voices_dir: Path, *, field: str, max_seconds: float) -> Path:
     """The audio file `name` designates inside `voices_dir`; raises `UnknownVoice` naming `field`."""
+
+    def refuse(why: str) -> UnknownVoice:
+        return UnknownVoice(f"{field}: {why}; {_known(voices_dir, max_seconds)}", field=field)
+
     if not name or "\x00" in name or Path(name).name != name or name in (".", ".."):
-        raise UnknownVoice(f"{field}: must be a plain file name, got {name!r}", field=field)
+        raise refuse(f"must be a plain file name, got {name!r}")
     root = voices_dir.resolve()
     candidates = [name] if Path(name).suffix.lower() in AUDIO_EXTENSIONS else []
     candidates += [name + ext for ext in AUDIO_EXTENSIONS]
@@ -29,38 +33,48 @@ def resolve_voice(name: str, voices_dir: Path, *, field: str, max_seconds: float
         path = (root / candidate).resolve()
         if path.is_file():
             if not path.is_relative_to(root):
-                raise UnknownVoice(f"{field}: {name!r} leads outside AUDIO_VOICES_DIR", field=field)
-            _check_audio(path, field=field, max_seconds=max_seconds)
+                raise refuse(f"{name!r} leads outside AUDIO_VOICES_DIR")
+            problem = _audio_problem(path, max_seconds=max_seconds)
+            if problem:
+                raise refuse(problem)
             return path
-    raise UnknownVoice(f"{field}: no voice {name!r} in {voices_dir}; {_known(voices_dir)}", field=field)
+    raise refuse(f"no voice {name!r} in {voices_dir}")
 
 
-def available_voices(voices_dir: Path) -> list[str]:
-    """File names of the audio files in `voices_dir`, sorted."""
+def available_voices(voices_dir: Path, *, max_seconds: float) -> list[str]:
+    """File names of the voices in `voices_dir` that a request may name, sorted: audio files that
+    stay inside the directory (symlinks included) and pass the checks of `resolve_voice`."""
     if not voices_dir.is_dir():
         return []
-    return sorted(p.name for p in voices_dir.iterdir() if p.suffix.lower() in AUDIO_EXTENSIONS)
+    root = voices_dir.resolve()
+    usable = []
+    for entry in voices_dir.iterdir():
+        path = entry.resolve()
+        inside = entry.suffix.lower() in AUDIO_EXTENSIONS and path.is_file() and path.is_relative_to(root)
+        if inside and _audio_problem(path, max_seconds=max_seconds) is None:
+            usable.append(entry.name)
+    return sorted(usable)
 
 
-def _known(voices_dir: Path) -> str:
-    names = available_voices(voices_dir)
+def _known(voices_dir: Path, max_seconds: float) -> str:
+    names = available_voices(voices_dir, max_seconds=max_seconds)
     if not names:
         return "no voices are installed there"
     shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
     return f"available: {shown}"
 
 
-def _check_audio(path: Path, *, field: str, max_seconds: float) -> None:
-    """Refuse files that are not audio, are empty or are too long, before the engine sees them."""
+def _audio_problem(path: Path, *, max_seconds: float) -> str | None:
+    """Why the file cannot serve as a reference voice (not audio, empty, too long), or None."""
     try:
         info = soundfile.info(str(path))
     except (soundfile.LibsndfileError, RuntimeError) as exc:
-        raise UnknownVoice(f"{field}: {path.name} is not readable audio ({exc})", field=field) from None
+        return f"{path.name} is not readable audio ({exc})"
     if info.frames == 0:
-        raise UnknownVoice(f"{field}: {path.name} holds no audio", field=field)
+        return f"{path.name} holds no audio"
     if info.duration > max_seconds:
-        raise UnknownVoice(
-            f"{field}: {path.name} lasts {info.duration:.1f} s; reference voices must be at most "
-            f"{max_seconds:g} s (MAX_VOICE_SECONDS)",
-            field=field,
+        return (
+            f"{path.name} lasts {info.duration:.1f} s; reference voices must be at most "
+            f"{max_seconds:g} s (MAX_VOICE_SECONDS)"
         )
+    return None
