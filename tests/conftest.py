@@ -25,7 +25,14 @@ import redis
 
 from producer.app import TTSTask, create_app
 from producer.config import ProducerConfig
-from tts_worker.devstack import LOCAL_S3_KEYS, RedisServer, S3Server, WorkerProcess, stack_env
+from tts_worker.devstack import (
+    LOCAL_S3_KEYS,
+    RedisServer,
+    S3Server,
+    WorkerProcess,
+    settings_variables,
+    stack_env,
+)
 from tts_worker.settings import Settings
 
 BUCKET = "tts-test"
@@ -90,10 +97,9 @@ def base_env(redis_server: RedisServer, s3_server: S3Server, voices_dir: Path) -
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test sees the developer's own broker or bucket settings."""
-    for name in list(os.environ):
-        if name.startswith(("CELERY_", "S3_", "TTS_", "AUDIO_", "TONE_", "TASK_")):
-            monkeypatch.delenv(name)
+    """No test sees the developer's own settings (broker, bucket, output directory, limits, ...)."""
+    for name in settings_variables() & set(os.environ):
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture

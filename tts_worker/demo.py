@@ -14,6 +14,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from producer.errors import InvalidRequest
+from producer.schema import parse_request
 from tts_worker.devstack import local_stack
 
 SAMPLE = (
@@ -25,13 +27,18 @@ SAMPLE = (
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./bootstrap demo", description=__doc__.splitlines()[0])
-    parser.add_argument("text", nargs="?", default=SAMPLE, help="what to say (default: a sample)")
+    parser.add_argument("text", nargs="*", help="what to say, quoted or not (default: a sample)")
     parser.add_argument("--engine", default="piper", choices=["piper", "tone"])
     parser.add_argument("--output-format", default="opus", choices=["opus", "mp3", "wav", "flac", "aac"])
     parser.add_argument(
         "--out", type=Path, default=Path("out"), help="where to save the audio (default: out/)"
     )
     args = parser.parse_args(argv)
+    text = " ".join(args.text) or SAMPLE
+    try:  # refused before anything starts, as the producer would refuse it
+        parse_request({"text": text, "output_format": args.output_format})
+    except InvalidRequest as exc:
+        parser.error(str(exc))
 
     started = time.perf_counter()
     print(f"starting redis-server, an S3 server (moto) and a {args.engine} worker ...", flush=True)
@@ -40,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         from producer import tts
 
         print(f"stack up in {time.perf_counter() - started:.1f} s; sending the job with tts.delay(...)")
-        result = tts.delay(text=args.text, output_format=args.output_format)
+        result = tts.delay(text=text, output_format=args.output_format)
         while not result.ready():
             if str(result.state) == "PROGRESS":  # our custom state, unknown to Celery's types
                 print(f"  chunk {result.info['chunk']} of {result.info['chunks']}", flush=True)

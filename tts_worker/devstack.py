@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 __all__ = ["RedisServer", "S3Server", "WorkerProcess", "free_port", "local_stack"]
 
@@ -159,10 +160,29 @@ class WorkerProcess(_Process):
         )
 
 
+def settings_variables() -> frozenset[str]:
+    """Every environment variable the worker's settings read (found by reading an empty environment
+    that notes what is asked of it, so that the list cannot drift from `Settings`)."""
+    from tts_worker.settings import Settings
+
+    asked: set[str] = set()
+
+    class Noting(dict[str, str]):
+        def get(self, key: str, default: Any = None) -> Any:
+            asked.add(key)
+            return default
+
+    Settings.from_env(Noting())
+    return frozenset(asked)
+
+
 def stack_env(*, redis_url: str, s3_url: str, bucket: str, engine: str, **extra: str) -> dict[str, str]:
-    """The environment a worker (and the producer) needs to use the local stack."""
+    """The environment a worker (and the producer) needs to use the local stack: this process's
+    environment without any of the worker's own settings (a developer's `OUTPUT_STORAGE=local` or
+    bucket must not leak into the stack), then the stack's."""
+    ours = settings_variables()
     return {
-        **os.environ,
+        **{name: value for name, value in os.environ.items() if name not in ours},
         "CELERY_BROKER_URL": f"{redis_url}/0",
         "CELERY_RESULT_BACKEND": f"{redis_url}/1",
         "S3_ENDPOINT_URL": s3_url,
