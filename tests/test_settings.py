@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,26 @@ def test_values_are_parsed() -> None:
     assert (settings.s3_key_prefix, settings.tone_rtf) == ("tts/", 0.5)
 
 
+def test_urls_are_parsed() -> None:
+    settings = Settings.from_env(
+        {**MINIMAL, "S3_ENDPOINT_URL": "http://minio:9000", "CELERY_BROKER_URL": "rediss://:pw@r:6380/0",
+         "CELERY_RESULT_BACKEND": "redis+socket:///run/redis.sock"}
+    )  # fmt: skip
+    assert settings.s3_public_endpoint_url == "http://minio:9000"  # presigned for the same host by default
+    assert settings.celery_result_backend == "redis+socket:///run/redis.sock"
+    public = Settings.from_env({**MINIMAL, "S3_ENDPOINT_URL": "http://minio:9000",
+                                "S3_PUBLIC_ENDPOINT_URL": "https://s3.example.com"})  # fmt: skip
+    assert public.s3_endpoint_url == "http://minio:9000"
+    assert public.s3_public_endpoint_url == "https://s3.example.com"
+    assert Settings.from_env(MINIMAL).s3_public_endpoint_url is None  # AWS: boto3 picks the endpoint
+
+
+def test_a_bad_broker_url_does_not_show_its_password() -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({**MINIMAL, "CELERY_BROKER_URL": "amqp://user:hunter2@rabbit//"})
+    assert "hunter2" not in str(raised.value) and "got scheme 'amqp'" in str(raised.value)
+
+
 def test_secrets_stay_out_of_repr() -> None:
     settings = Settings.from_env({**MINIMAL, "S3_SECRET_ACCESS_KEY": "hunter2", "HF_TOKEN": "hf_abc"})
     assert "hunter2" not in repr(settings) and "hf_abc" not in repr(settings)
@@ -44,7 +65,30 @@ def test_secrets_stay_out_of_repr() -> None:
         ({**MINIMAL, "TTS_ENGINE": "espeak"}, "TTS_ENGINE must be one of"),
         ({**MINIMAL, "USE_FP16": "maybe"}, "USE_FP16 must be true or false"),
         ({**MINIMAL, "MAX_TOKENS_PER_SEGMENT": "lots"}, "MAX_TOKENS_PER_SEGMENT must be an integer"),
-        ({**MINIMAL, "MAX_TOKENS_PER_SEGMENT": "5"}, "MAX_TOKENS_PER_SEGMENT must be between 20 and 2000"),
+        ({**MINIMAL, "MAX_TOKENS_PER_SEGMENT": "5"}, "MAX_TOKENS_PER_SEGMENT must be between 20 and 600"),
+        (
+            {**MINIMAL, "MAX_TOKENS_PER_SEGMENT": "601"},
+            "MAX_TOKENS_PER_SEGMENT must be between 20 and 600: IndexTTS-2's gpt.max_text_tokens is 600",
+        ),
+        (
+            {**MINIMAL, "S3_ENDPOINT_URL": "minio:9000"},
+            "S3_ENDPOINT_URL must be a URL starting with http:// or https:// (got 'minio:9000')",
+        ),
+        ({**MINIMAL, "S3_ENDPOINT_URL": "http://"}, "S3_ENDPOINT_URL must be a URL starting with http://"),
+        (
+            {**MINIMAL, "S3_PUBLIC_ENDPOINT_URL": "localhost:9000"},
+            "S3_PUBLIC_ENDPOINT_URL must be a URL starting with http:// or https://",
+        ),
+        (
+            {**MINIMAL, "CELERY_BROKER_URL": "amqp://guest@rabbit//"},
+            "CELERY_BROKER_URL must be a Redis URL starting with redis://, rediss://, redis+socket:// "
+            "(got scheme 'amqp')",
+        ),
+        ({**MINIMAL, "CELERY_BROKER_URL": "localhost:6379"}, "CELERY_BROKER_URL must be a Redis URL"),
+        (
+            {**MINIMAL, "CELERY_RESULT_BACKEND": "db+sqlite:///results.db"},
+            "CELERY_RESULT_BACKEND must be a Redis URL starting with redis://",
+        ),
         ({**MINIMAL, "CLEANUP_DAYS": "-1"}, "CLEANUP_DAYS must be between"),
         ({**MINIMAL, "TONE_RTF": "nan"}, "TONE_RTF must be between"),
         ({**MINIMAL, "METRICS_PORT": "http"}, "METRICS_PORT must be an integer"),
@@ -53,14 +97,14 @@ def test_secrets_stay_out_of_repr() -> None:
         ({**MINIMAL, "OUTPUT_STORAGE": "disk"}, "OUTPUT_STORAGE must be one of 's3', 'local'"),
         (
             {**MINIMAL, "OUTPUT_BASE_URL": "cdn.example"},
-            "OUTPUT_BASE_URL must start with http:// or https://",
+            "OUTPUT_BASE_URL must be a URL starting with http:// or https://",
         ),
         ({**MINIMAL, "TASK_TIME_LIMIT": "4000"}, "VISIBILITY_TIMEOUT (3600) must be above TASK_TIME_LIMIT"),
         ({**MINIMAL, "TASK_SOFT_TIME_LIMIT": "1800"}, "TASK_SOFT_TIME_LIMIT (1800) must be below"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
-    with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(SettingsError, match=re.escape(message)):
         Settings.from_env(env)
 
 
@@ -70,6 +114,10 @@ def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None
         (
             {"USE_FP16": "sometimes"},
             ["tts_worker: bad setting: USE_FP16 must be true or false (got 'sometimes')"],
+        ),
+        (
+            {"S3_ENDPOINT_URL": "minio:9000"},
+            ["tts_worker: bad setting: S3_ENDPOINT_URL must be a URL starting with http:// or https://"],
         ),
         (
             {"FFMPEG_BINARY": "/nowhere/ffmpeg"},

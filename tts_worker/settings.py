@@ -11,15 +11,30 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from producer.config import DEFAULT_BROKER_URL
 from producer.schema import MAX_TEXT_CHARS
 
-__all__ = ["ATTN_BACKENDS", "ENGINES", "OUTPUT_STORAGES", "Settings", "SettingsError"]
+__all__ = [
+    "ATTN_BACKENDS",
+    "ENGINES",
+    "MAX_TEXT_TOKENS",
+    "OUTPUT_STORAGES",
+    "REDIS_SCHEMES",
+    "Settings",
+    "SettingsError",
+]
 
 ENGINES = ("indextts2", "piper", "tone")
 OUTPUT_STORAGES = ("s3", "local")
 ATTN_BACKENDS = ("", "sage", "flash")
+REDIS_SCHEMES = ("redis", "rediss", "redis+socket")
+"""Celery's Redis transport and result backend: TCP, TLS, and a Unix socket (`redis+socket:///path`).
+The worker's configuration (visibility timeouts, priorities) is Redis's; no other broker is supported."""
+MAX_TEXT_TOKENS = 600
+"""IndexTTS-2's `gpt.max_text_tokens` (its config.yaml): the GPT's text positions hold no longer segment."""
+_TOKENS_RULE = f"IndexTTS-2's gpt.max_text_tokens is {MAX_TEXT_TOKENS}"
 _T = TypeVar("_T")
 
 
@@ -37,6 +52,9 @@ class Settings:
     celery_broker_url: str = DEFAULT_BROKER_URL
     celery_result_backend: str = DEFAULT_BROKER_URL
     s3_endpoint_url: str | None = None
+    s3_public_endpoint_url: str | None = None
+    """Where clients reach the S3 server, for presigned URLs only (SigV4 signs the host); defaults to
+    `s3_endpoint_url`."""
     s3_access_key_id: str | None = field(default=None, repr=False)
     s3_secret_access_key: str | None = field(default=None, repr=False)
     s3_region: str = "us-east-1"
@@ -76,11 +94,13 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
         """Read and validate every variable; raises `SettingsError` naming the first bad one."""
         env = _Reader(environ)
-        broker = env.text("CELERY_BROKER_URL", DEFAULT_BROKER_URL)
+        broker = env.redis_url("CELERY_BROKER_URL", DEFAULT_BROKER_URL)
+        endpoint = env.http_url("S3_ENDPOINT_URL")
         settings = cls(
             celery_broker_url=broker,
-            celery_result_backend=env.text("CELERY_RESULT_BACKEND", broker),
-            s3_endpoint_url=env.optional("S3_ENDPOINT_URL"),
+            celery_result_backend=env.redis_url("CELERY_RESULT_BACKEND", broker),
+            s3_endpoint_url=endpoint,
+            s3_public_endpoint_url=env.http_url("S3_PUBLIC_ENDPOINT_URL") or endpoint,
             s3_access_key_id=env.optional("S3_ACCESS_KEY_ID"),
             s3_secret_access_key=env.optional("S3_SECRET_ACCESS_KEY"),
             s3_bucket_name=env.optional("S3_BUCKET_NAME"),
@@ -103,7 +123,9 @@ class Settings:
             tts_device=env.optional("TTS_DEVICE"),
             default_voice=env.optional("DEFAULT_VOICE"),
             voice_cache_size=env.integer("VOICE_CACHE_SIZE", 8, low=0, high=1000),
-            max_tokens_per_segment=env.integer("MAX_TOKENS_PER_SEGMENT", 120, low=20, high=2000),
+            max_tokens_per_segment=env.integer(
+                "MAX_TOKENS_PER_SEGMENT", 120, low=20, high=MAX_TEXT_TOKENS, why=_TOKENS_RULE
+            ),
             cleanup_days=env.integer("CLEANUP_DAYS", 2, low=0, high=3650),
             max_text_chars=env.integer("MAX_TEXT_CHARS", MAX_TEXT_CHARS, low=1, high=1_000_000),
             max_voice_seconds=env.number("MAX_VOICE_SECONDS", 60.0, low=1.0, high=600.0),
@@ -146,8 +168,21 @@ class _Reader:
 
     def http_url(self, name: str) -> str | None:
         value = self.optional(name)
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise SettingsError(f"{name} must start with http:// or https:// (got {value!r})")
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")) or not urlsplit(value).netloc:
+            raise SettingsError(f"{name} must be a URL starting with http:// or https:// (got {value!r})")
+        return value
+
+    def redis_url(self, name: str, default: str) -> str:
+        value = self.text(name, default)
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme not in REDIS_SCHEMES:
+            # Only the scheme is shown: the rest may hold a password.
+            raise SettingsError(
+                f"{name} must be a Redis URL starting with "
+                f"{', '.join(s + '://' for s in REDIS_SCHEMES)} (got scheme {scheme or 'none'!r})"
+            )
         return value
 
     def text(self, name: str, default: str) -> str:
@@ -167,14 +202,14 @@ class _Reader:
             return False
         raise SettingsError(f"{name} must be true or false (got {value!r})")
 
-    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
-        return self._bounded(name, default, int, "an integer", low, high)
+    def integer(self, name: str, default: int, *, low: int, high: int, why: str = "") -> int:
+        return self._bounded(name, default, int, "an integer", low, high, why)
 
     def number(self, name: str, default: float, *, low: float, high: float) -> float:
         return self._bounded(name, default, float, "a number", low, high)
 
     def _bounded(
-        self, name: str, default: _T, parse: Callable[[str], _T], kind: str, low: _T, high: _T
+        self, name: str, default: _T, parse: Callable[[str], _T], kind: str, low: _T, high: _T, why: str = ""
     ) -> _T:
         raw = self.environ.get(name)
         if not raw:
@@ -184,5 +219,6 @@ class _Reader:
         except ValueError:
             raise SettingsError(f"{name} must be {kind} (got {raw!r})") from None
         if not low <= value <= high:  # type: ignore[operator]
-            raise SettingsError(f"{name} must be between {low} and {high} (got {raw!r})")
+            because = f": {why}" if why else ""
+            raise SettingsError(f"{name} must be between {low} and {high}{because} (got {raw!r})")
         return value
