@@ -12,7 +12,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from producer.config import ProducerConfig
-from producer.schema import TTSRequest, parse_request
+from producer.schema import TTSRequest, object_name, parse_request
 
 __all__ = [
     "BACKFILL_QUEUE",
@@ -96,7 +96,10 @@ class TTSTask:
         """Like Celery's `apply_async` (`priority=`, `task_id=`, `queue=`, ...), validating `kwargs` first."""
         if args:
             raise TypeError("tts takes keyword fields only, e.g. tts.delay(text='Hello')")
-        message = self.validate(kwargs or {}).to_message()
+        request = self.validate(kwargs or {})
+        if options.get("task_id") is not None:
+            object_name(request, options["task_id"])  # a task id that cannot name the audio is refused
+        message = request.to_message()
         result: AsyncResult[Any] = self.app.send_task(
             TASK_NAME, kwargs=message, kwargsrepr=shown_fields(message), **options
         )

@@ -8,6 +8,7 @@ without passing through the producer. Unknown fields are errors, so a typo is ne
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -24,7 +25,7 @@ from pydantic import (
 from producer.errors import InvalidRequest
 from producer.formats import FORMATS, parse_bitrate
 
-__all__ = ["EMOTIONS", "MAX_TEXT_CHARS", "TTSRequest", "parse_request"]
+__all__ = ["EMOTIONS", "MAX_TEXT_CHARS", "TTSRequest", "object_name", "parse_request"]
 
 MAX_TEXT_CHARS = 10_000
 """Default limit on `text`; the MAX_TEXT_CHARS environment variable lowers or raises it."""
@@ -130,6 +131,18 @@ class TTSRequest(BaseModel):
     def to_message(self) -> dict[str, Any]:
         """The fields the caller set, as JSON-ready kwargs for the task message."""
         return self.model_dump(mode="json", exclude_unset=True)
+
+
+def object_name(request: TTSRequest, job_id: str) -> str:
+    """The name the audio is stored under (before its extension): `session_id`, else the job's (task)
+    id, which must then follow the same rule, since it becomes a file or object name."""
+    if request.session_id is None and not re.fullmatch(_SESSION_ID_PATTERN, job_id):
+        raise InvalidRequest(
+            f"invalid request: task_id: names the audio when session_id is not set, so it must match "
+            f"{_SESSION_ID_PATTERN} (got {job_id[:140]!r}); choose another or set session_id",
+            field="task_id",
+        )
+    return request.session_id or job_id
 
 
 class _FieldError(ValueError):

@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 import soundfile
 
-from producer.errors import EncodingError, StorageError, TransientError, UnknownVoice, UnreadableText
+from producer.errors import (
+    EncodingError,
+    InvalidRequest,
+    StorageError,
+    TransientError,
+    UnknownVoice,
+    UnreadableText,
+)
 from producer.schema import parse_request
 from tts_worker.chunking import split_text
 from tts_worker.engines.base import NO_OPTIONS, Audio, GenerationOptions, VoiceInputs
@@ -69,6 +76,14 @@ def test_session_id_and_prefix_name_the_object(settings: Settings, s3: Any, job_
     assert result["filename"] == f"s-{job_id}.mp3"
     assert result["s3_key"] == f"audio/s-{job_id}.mp3"
     assert keys(s3, f"audio/s-{job_id}") == [f"audio/s-{job_id}.mp3"]
+
+
+def test_a_job_id_that_cannot_name_the_object_is_refused(services: Services, s3: Any) -> None:
+    """A message sent past the producer with a task id like 'a/b' and no session_id."""
+    with pytest.raises(InvalidRequest, match="task_id") as caught:
+        run_job(parse_request({"text": "Hi."}), services, job_id="orders/1234")
+    assert caught.value.field == "task_id"
+    assert keys(s3, "orders") == []
 
 
 def test_a_redelivered_job_returns_the_stored_result_without_synthesising(

@@ -187,6 +187,23 @@ def test_nothing_is_enqueued_for_a_bad_request(
     assert [k for k in broker.scan_iter() if not k.startswith(b"_kombu.binding.")] == []
 
 
+@pytest.mark.parametrize("task_id", ["orders/1234", "a b", "", "x" * 129, "../up"])
+def test_a_task_id_that_would_name_the_audio_must_be_a_plain_name(
+    task_id: str, unserved: tuple[TTSTask, redis.Redis]
+) -> None:
+    tts, broker = unserved
+    with pytest.raises(
+        InvalidRequest, match=r"task_id: names the audio when session_id is not set"
+    ) as caught:
+        tts.apply_async(kwargs={"text": "Hello."}, task_id=task_id)
+    assert caught.value.field == "task_id"
+    assert broker.llen("tts") == 0
+    tts.apply_async(
+        kwargs={"text": "Hello.", "session_id": "order-1234"}, task_id=task_id
+    )  # it names nothing
+    assert broker.llen("tts") == 1
+
+
 def test_a_good_request_is_enqueued_by_name(unserved: tuple[TTSTask, redis.Redis]) -> None:
     tts, broker = unserved
     result = tts.apply_async(kwargs={"text": "Hello."}, task_id="fixed-id")

@@ -20,7 +20,7 @@ import numpy as np
 
 from producer.errors import UnreadableText
 from producer.formats import FORMATS, AudioFormat
-from producer.schema import TTSRequest
+from producer.schema import TTSRequest, object_name
 from tts_worker.audio import join_chunks
 from tts_worker.chunking import split_text
 from tts_worker.encoding import encode
@@ -51,7 +51,7 @@ def run_job(
 ) -> dict[str, Any]:
     """Synthesise one validated request, store the audio and return the result dict."""
     settings, fmt = services.settings, FORMATS[request.output_format]
-    filename = f"{request.session_id or job_id}{fmt.extension}"
+    filename = object_name(request, job_id) + fmt.extension
     key = settings.s3_key_prefix + filename
     expires = request.presign_expires_s or settings.presign_expires_s
 
