@@ -1,8 +1,10 @@
-"""The RunPod shim with the seed's requests: in process through `handler`, and through the runpod SDK's
-own local mode (`--test_input`), against the real S3-compatible server and ffmpeg, with no broker."""
+"""The RunPod shim with the seed's requests: in process through `handler`, through the runpod SDK's own
+job path (its network sends captured), and through its local mode (`--test_input`), against the real
+S3-compatible server and ffmpeg, with no broker."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import subprocess
@@ -12,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -19,8 +22,9 @@ import pytest
 import runpod
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from runpod.serverless.modules import rp_http, rp_scale
 
-from tts_worker import runpod_handler, runtime
+from tts_worker import health, runpod_handler, runtime
 from tts_worker.audio import join_chunks
 from tts_worker.engines.base import NO_OPTIONS, Audio, GenerationOptions, VoiceInputs
 from tts_worker.engines.tone import ToneEngine
@@ -133,10 +137,29 @@ def test_a_stream_sends_each_chunk_as_soon_as_it_is_spoken(
     assert np.array_equal(pcm, join_chunks(spoken, sample_rate=22050, crossfade_ms=40))
 
 
+def test_a_stream_takes_the_seed_s_fields_and_always_chunks_as_the_seed_did(shim: None) -> None:
+    # The seed split a streamed text whatever enable_chunking said, allowed stream_crossfade_ms up to
+    # 2000 (above crossfade_ms's 1000) and read stream_tail_ms without using it.
+    fields = {"text": TEXT, "stream": True, "enable_chunking": False, "stream_max_chars_per_chunk": 50,
+              "stream_crossfade_ms": 1500, "stream_tail_ms": 250}  # fmt: skip
+    *pieces, done = run(fields)
+    assert (done["status"], done["total_chunks"]) == ("complete", 3)
+    sentences = ("The first sentence is here.", "The second one follows it!", "And a third, to be sure?")
+    spoken = [ToneEngine().synthesize(sentence, VoiceInputs()) for sentence in sentences]
+    assert np.array_equal(pcm_of(pieces), join_chunks(spoken, sample_rate=22050, crossfade_ms=1500))
+    *pieces, _ = run({**fields, "enable_crossfade": False})  # which turns the stream's crossfade off too
+    assert np.array_equal(pcm_of(pieces), np.concatenate(spoken))
+
+
+def pcm_of(messages: list[dict[str, Any]]) -> Audio:
+    """The samples of a stream's `streaming` messages, laid end to end."""
+    return np.concatenate([np.frombuffer(base64.b64decode(m["audio_chunk"]), "<i2") for m in messages])
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     lengths=st.lists(st.integers(min_value=0, max_value=3000), min_size=1, max_size=6),
-    crossfade_ms=st.integers(min_value=0, max_value=200),
+    crossfade_ms=st.integers(min_value=0, max_value=2000),
 )
 def test_streamed_pieces_add_up_to_the_joined_audio(lengths: list[int], crossfade_ms: int) -> None:
     rng = np.random.default_rng(len(lengths) * 1000 + crossfade_ms)
@@ -152,9 +175,23 @@ def test_the_health_check_reports_each_part_and_skips_the_broker(shim: None) -> 
     [report] = run({"action": "health_check"})
     assert report["status"] == "healthy"
     checks = report["checks"]
-    assert list(checks) == ["settings", "broker", "storage", "ffmpeg", "engine", "model_files", "gpu"]
+    ours = ["settings", "broker", "storage", "ffmpeg", "engine", "model_files", "gpu"]
+    assert list(checks) == [*ours, "configuration", "hardware", "s3", "checkpoints"]
     assert checks["broker"]["status"] == "skip"
     assert {checks[name]["status"] for name in ("settings", "storage", "ffmpeg", "engine")} == {"pass"}
+    # A monitor written for the seed reads its own names: each is the check of ours it stands for.
+    assert checks["s3"] == checks["storage"] and "bucket 'tts-test'" in checks["s3"]["details"]
+    assert checks["configuration"] == checks["settings"] and checks["checkpoints"] == checks["model_files"]
+    assert checks["hardware"] == checks["gpu"]
+
+
+def test_the_seed_s_names_stand_for_failed_checks_too() -> None:
+    checks = [health.Check("settings", "pass", "ok"), health.Check("storage", "fail", "no bucket")]
+    report = health.report(checks, seed_names=True)
+    assert report["status"] == "unhealthy"
+    assert report["checks"]["s3"] == {"status": "fail", "details": "no bucket"}
+    assert set(report["checks"]) == {"settings", "storage", "configuration", "s3"}
+    assert set(health.report(checks)["checks"]) == {"settings", "storage"}  # `check --json` keeps ours
 
 
 BAD_INPUTS = [
@@ -166,6 +203,9 @@ BAD_INPUTS = [
     ({"text": "Hi.", "stream": "yes"}, "stream: input should be a valid boolean"),
     ({"text": "Hi.", "stream": True, "output_format": "mp3"}, "output_format: streaming sends 'pcm_16' only"),
     ({"text": "Hi.", "stream": True, "stream_max_chars_per_chunk": 10}, "stream_max_chars_per_chunk"),
+    ({"text": "Hi.", "stream": True, "stream_crossfade_ms": 2001}, "stream_crossfade_ms: input should be"),
+    ({"text": "Hi.", "stream": True, "stream_tail_ms": -1}, "stream_tail_ms: input should be greater"),
+    ({"text": "Hi.", "stream": True, "stream_tail_ms": "200"}, "stream_tail_ms: input should be a valid"),
     ({"text": "Hi.", "stream": True, "sample_rate": 16000}, "sample_rate: a stream is pcm_16"),
     ({"text": "Hi.", "action": "reboot"}, "action: input should be 'health_check'"),
     ("Hello", "input: must be an object"),
@@ -180,20 +220,23 @@ def test_bad_input_gets_a_clear_error_and_no_traceback(shim: None, fields: Any, 
     assert "Traceback" not in outcome["error"]
 
 
-def test_an_engine_that_poisons_the_gpu_makes_runpod_replace_the_worker(
-    shim: None,
-    stand_in: None,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-    tmp_path: Path,
-) -> None:
-    """The real indextts2 engine over the stand-in, whose CUDA context breaks on cue."""
+@pytest.fixture
+def poisonable(shim: None, stand_in: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """The real indextts2 engine over the stand-in, whose CUDA context breaks on cue (text with
+    `<assert>`, once per file named by FAKE_INDEXTTS_ASSERT_ONCE); RUNPOD_CONFIG restored after."""
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "config.yaml").write_text("version: 2.0\n")
     for name, value in {"TTS_ENGINE": "indextts2", "CHECKPOINTS_DIR": str(tmp_path / "checkpoints"),
                         "DEFAULT_VOICE": "alice"}.items():  # fmt: skip
         monkeypatch.setenv(name, value)
     monkeypatch.setitem(runpod_handler.RUNPOD_CONFIG, "refresh_worker", False)
+    return tmp_path
+
+
+def test_an_engine_that_poisons_the_gpu_makes_runpod_replace_the_worker(
+    poisonable: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    tmp_path = poisonable
     for stream in (False, True):
         monkeypatch.setenv("FAKE_INDEXTTS_ASSERT_ONCE", str(tmp_path / f"fired-{stream}"))
         [outcome] = run({"text": "This <assert> breaks CUDA.", "stream": stream})
@@ -211,14 +254,117 @@ def test_an_unexpected_error_is_named_without_a_traceback(
     assert outcome == {"error": "internal error (ZeroDivisionError): division by zero"}
 
 
+NOT_FOR_LOGS = ("X-Amz-Signature", "audio_chunk")
+"""What no log line may hold: a presigned URL's signature (a bearer credential) and the audio itself."""
+
+
+def assert_nothing_secret_in(output: str) -> None:
+    for secret in NOT_FOR_LOGS:
+        assert secret not in output, f"{secret} in the output:\n{output[-3000:]}"
+
+
+def run_on_runpod(fields: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[list[Any], Any, bool]:
+    """One job down the SDK's own path on RunPod (the worker loop's `JobScaler.handle_job`, then
+    `rp_job.handle_job` and `run_job_generator`), started with `RUNPOD_CONFIG` as `main` starts it.
+    Only the HTTP post is replaced, to capture what would reach RunPod. Returns the stream posts, the
+    final post (the job's outcome: `output`, else `error`, FAILED) and whether the worker lives on."""
+    posts: list[tuple[str, Any]] = []
+
+    async def transmit(session: Any, url: str, job_data: str) -> None:
+        posts.append((url, json.loads(job_data)))
+
+    monkeypatch.setattr(rp_http, "_transmit", transmit)
+    scaler = rp_scale.JobScaler(runpod_handler.RUNPOD_CONFIG)
+
+    async def one_job() -> None:
+        await scaler.jobs_queue.put({"id": f"rp-{uuid.uuid4()}", "input": fields})
+        await scaler.handle_job(SimpleNamespace(headers={}), await scaler.jobs_queue.get())
+
+    asyncio.run(one_job())
+    streamed = [data for url, data in posts if url.startswith(rp_http.JOB_STREAM_URL)]
+    [done] = [data for url, data in posts if url.startswith(rp_http.JOB_DONE_URL)]
+    return streamed, done, scaler.is_alive()
+
+
+def test_on_runpod_a_batch_job_is_one_message_then_a_list_of_it(
+    shim: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    streamed, done, alive = run_on_runpod({"text": TEXT, "session_id": "rp-sdk-batch"}, monkeypatch)
+    [result] = done["output"]  # return_aggregate_stream: /runsync and /status return the list
+    assert streamed == [{"output": result}] and set(done) == {"output"} and alive
+    assert (result["status"], result["filename"]) == ("completed", "rp-sdk-batch.ogg")
+    assert "X-Amz-Signature" in result["url"] and fetch(result["url"])[:4] == b"OggS"
+    captured = capsys.readouterr()
+    assert "Finished." in captured.out  # the SDK's own log lines are there, at INFO, and hold nothing secret
+    assert_nothing_secret_in(captured.out + captured.err)
+
+
+def test_on_runpod_a_stream_posts_each_piece_then_completes(
+    shim: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fields = {"text": TEXT, "stream": True, "stream_max_chars_per_chunk": 50}
+    streamed, done, alive = run_on_runpod(fields, monkeypatch)
+    messages = [post["output"] for post in streamed]
+    assert [m["status"] for m in messages] == ["streaming"] * 3 + ["complete"]
+    assert done == {"output": messages} and alive
+    assert round(len(pcm_of(messages[:-1])) / 22050, 3) == messages[-1]["duration"]
+    assert_nothing_secret_in("".join(capsys.readouterr()))
+
+
+def test_on_runpod_a_bad_request_fails_the_job_and_posts_no_stream(
+    shim: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    streamed, done, alive = run_on_runpod({"txt": "typo"}, monkeypatch)
+    assert streamed == [] and alive
+    assert done == {
+        "error": "invalid request: text: field required; txt: unknown field (did you mean 'text'?)"
+    }
+
+
+def test_on_runpod_a_poisoned_gpu_fails_the_job_and_the_worker_stops(
+    poisonable: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_INDEXTTS_ASSERT_ONCE", str(poisonable / "fired"))
+    streamed, done, alive = run_on_runpod({"text": "This <assert> breaks CUDA."}, monkeypatch)
+    assert streamed == []
+    # The SDK keeps only the message of an error a generator yields, and takes refresh_worker from
+    # the config it was started with: the job fails, RunPod stops the pod, the worker loop ends.
+    assert set(done) == {"error", "stopPod"} and done["stopPod"] is True
+    assert "device-side assert" in done["error"] and "this worker will be replaced" in done["error"]
+    assert not alive
+
+
+def test_main_warms_the_engine_then_starts_the_sdk_with_runpod_config_itself(
+    shim: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[tuple[dict[str, Any], int]] = []
+    monkeypatch.setattr(runpod_handler, "_ON_RUNPOD", True)
+    monkeypatch.setattr(
+        runpod.serverless,
+        "start",
+        lambda config: started.append((config, runtime.engine.cache_info().currsize)),
+    )
+    assert runtime.engine.cache_info().currsize == 0  # importing the module loaded nothing
+    runpod_handler.main([])
+    [(config, engines_loaded)] = started
+    assert engines_loaded == 1  # warm before the first job
+    assert config is runpod_handler.RUNPOD_CONFIG  # the dict that refresh_worker is set in
+
+
 def run_locally(env: dict[str, str], test_input: dict[str, Any]) -> tuple[int, list[dict[str, Any]], str]:
-    """`python -m tts_worker.runpod_handler --test_input ...`: exit status, printed messages, all output."""
+    """`python -m tts_worker.runpod_handler --test_input ...`, the SDK's log level left to the module:
+    exit status, the messages it printed (its JSON lines), and everything else it printed."""
+    env = {
+        name: value for name, value in env.items() if name not in ("RUNPOD_LOG_LEVEL", "RUNPOD_DEBUG_LEVEL")
+    }
     done = subprocess.run(
         [sys.executable, "-m", "tts_worker.runpod_handler", "--test_input", json.dumps(test_input)],
-        env={**env, "RUNPOD_LOG_LEVEL": "INFO"}, capture_output=True, text=True, timeout=120, check=False,
+        env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
-    messages = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    return done.returncode, messages, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    messages = [json.loads(line) for line in lines if line.startswith("{")]
+    rest = [line for line in lines if not line.startswith("{")]
+    return done.returncode, messages, "\n".join(rest) + done.stderr
 
 
 def test_the_sdk_local_mode_runs_a_batch_job(rp_env: dict[str, str], s3: Any) -> None:
@@ -230,6 +376,9 @@ def test_the_sdk_local_mode_runs_a_batch_job(rp_env: dict[str, str], s3: Any) ->
     assert (result["status"], result["filename"]) == ("completed", "sdk-1.ogg")
     assert s3.head_object(Bucket="tts-test", Key="sdk-1.ogg")["ContentLength"] > 0
     assert "Job local_test completed successfully" in output
+    # The URL is printed once, as the job's output; the SDK's log (its job result included) lacks it.
+    assert "X-Amz-Signature" in result["url"] and "'filename': 'sdk-1.ogg'" in output
+    assert_nothing_secret_in(output)
 
 
 def test_the_sdk_local_mode_runs_a_stream(rp_env: dict[str, str]) -> None:
@@ -238,6 +387,8 @@ def test_the_sdk_local_mode_runs_a_stream(rp_env: dict[str, str]) -> None:
     )
     assert code == 0, output
     assert [m["status"] for m in messages] == ["streaming"] * 3 + ["complete"]
+    assert all(m["audio_chunk"] for m in messages[:-1])
+    assert_nothing_secret_in(output)
 
 
 def test_the_sdk_local_mode_fails_a_bad_request_cleanly(rp_env: dict[str, str]) -> None:

@@ -8,13 +8,19 @@ Requests and responses keep the seed's shape, so its clients work unchanged:
   `<session_id>.ogg`, else `<RunPod job id>.ogg`;
 - `stream: true`: `{"status": "streaming", "chunk", "format": "pcm_16", "audio_chunk", "sample_rate"}`
   per piece, as soon as it is spoken, then `{"status": "complete", "total_chunks", ...}`;
-- `action: "health_check"`: the checks of `python -m tts_worker check`, the broker skipped;
+- `action: "health_check"`: the checks of `python -m tts_worker check`, the broker skipped, each also
+  under the seed's name (`configuration`, `hardware`, `s3`, `checkpoints`);
 - errors: `{"error": "<message>"}`, the traceback only in the log. When the engine leaves the GPU
   unusable, the worker asks RunPod to replace it (`refresh_worker`).
 
 As in the seed, the handler is a generator started with `return_aggregate_stream`: a batch job's
 output is a one-item list. The seed's `output_format: "pcm_16"` means opus in batch mode (the seed
 encoded opus whatever it said); our other formats are accepted too. No broker is used.
+
+Importing this module loads nothing: `main` (what `python -m tts_worker.runpod_handler` runs) loads
+and warms the engine, then hands `RUNPOD_CONFIG` itself to `runpod.serverless.start`. A custom entry
+script should call `main()` rather than `runpod.serverless.start` with a dict of its own: that would
+load the model on the first job, and miss `refresh_worker`, which is set in `RUNPOD_CONFIG`.
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
-import runpod
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from producer.errors import EngineUnusable, InvalidRequest, PermanentError, TTSError
@@ -37,6 +42,22 @@ from tts_worker import health, runtime
 from tts_worker.pipeline import Services, log_done, run_job, text_chunks
 from tts_worker.settings import SettingsError
 from tts_worker.streaming import PCM_FORMAT, stream_pcm
+
+# The runpod SDK logs at DEBUG unless told otherwise, and at DEBUG it prints every message a handler
+# yields: presigned URLs (bearer credentials for the audio) and base64 audio would fill RunPod's
+# logs. It reads the level once, when first imported, so choose INFO before importing it (and set
+# it again in case something imported it first). RUNPOD_LOG_LEVEL, or the SDK's older
+# RUNPOD_DEBUG_LEVEL, still wins when set, as does its --rp_log_level flag.
+_SDK_LEVEL_CHOSEN = bool({"RUNPOD_LOG_LEVEL", "RUNPOD_DEBUG_LEVEL"} & set(os.environ))
+if not _SDK_LEVEL_CHOSEN:
+    os.environ["RUNPOD_LOG_LEVEL"] = "INFO"  # also for any process the SDK starts
+
+import runpod  # noqa: E402
+from runpod.serverless.modules import rp_job  # noqa: E402
+from runpod.serverless.modules.rp_logger import RunPodLogger  # noqa: E402
+
+if not _SDK_LEVEL_CHOSEN:
+    RunPodLogger.level = "INFO"
 
 __all__ = ["RUNPOD_CONFIG", "RunPodOptions", "handler", "main", "split_options"]
 
@@ -53,12 +74,16 @@ class RunPodOptions(BaseModel):
     action: Literal["health_check"] | None = None
     stream: bool = False
     stream_max_chars_per_chunk: int | None = Field(default=None, ge=50, le=1000)
-    stream_crossfade_ms: int | None = Field(default=None, ge=0, le=1000)
+    stream_crossfade_ms: int | None = Field(default=None, ge=0, le=2000)
+    """The seed's bound, above `crossfade_ms`'s: a stream's crossfade is applied by `stream_pcm`."""
+    stream_tail_ms: int | None = Field(default=None, ge=0)
+    """Accepted and ignored, as the seed's handler did (a tail buffer it documented but never applied)."""
 
 
 def split_options(fields: Mapping[str, Any]) -> tuple[RunPodOptions, dict[str, Any]]:
     """Take the RunPod-only fields out of `fields`; returns them validated, and the request fields
-    translated for `parse_request` (the stream overrides applied, `pcm_16` dropped)."""
+    translated for `parse_request` (`pcm_16` dropped; when streaming, the text always chunked, as the
+    seed did whatever `enable_chunking` said, at `stream_max_chars_per_chunk` when given)."""
     ours = {name: fields[name] for name in RunPodOptions.model_fields if name in fields}
     rest = {name: value for name, value in fields.items() if name not in ours}
     try:
@@ -78,10 +103,9 @@ def split_options(fields: Mapping[str, Any]) -> tuple[RunPodOptions, dict[str, A
         )
     if options.stream:
         _check_stream_fields(rest)
+        rest["enable_chunking"] = True
         if options.stream_max_chars_per_chunk is not None:
             rest["max_chars_per_chunk"] = options.stream_max_chars_per_chunk
-        if options.stream_crossfade_ms is not None:
-            rest["crossfade_ms"] = options.stream_crossfade_ms
     return options, rest
 
 
@@ -111,7 +135,7 @@ def _handle(job: dict[str, Any], job_id: str) -> Iterator[dict[str, Any]]:
     options, request_fields = split_options(fields)
     if options.action == "health_check":
         checks = health.run_checks(skip_broker="the RunPod handler uses no broker", loaded=runtime.services)
-        yield health.report(checks)
+        yield health.report(checks, seed_names=True)
         return
     services = runtime.services()
     request = parse_request(request_fields, max_text_chars=services.settings.max_text_chars)
@@ -119,7 +143,7 @@ def _handle(job: dict[str, Any], job_id: str) -> Iterator[dict[str, Any]]:
     mode = "stream" if options.stream else "batch"
     log.info("job %s start: %s engine=%s chunks=%d", job_id, mode, services.engine.name, chunks)
     if options.stream:
-        yield from _stream(request, services, job_id)
+        yield from _stream(request, services, job_id, crossfade_ms=options.stream_crossfade_ms)
     else:
         yield _batch(job, request, services, job_id)
 
@@ -134,8 +158,10 @@ def _batch(job: dict[str, Any], request: TTSRequest, services: Services, job_id:
     return result
 
 
-def _stream(request: TTSRequest, services: Services, job_id: str) -> Iterator[dict[str, Any]]:
-    for message in stream_pcm(request, services):
+def _stream(
+    request: TTSRequest, services: Services, job_id: str, *, crossfade_ms: int | None
+) -> Iterator[dict[str, Any]]:
+    for message in stream_pcm(request, services, crossfade_ms=crossfade_ms):
         if message["status"] == "complete":
             log.info(
                 "job %s done: engine=%s chunks=%s audio_s=%s",
@@ -161,16 +187,22 @@ def _error(job_id: str, exc: Exception) -> dict[str, Any]:
     return {"error": f"internal error ({type(exc).__name__}): {exc}"}
 
 
-def _run_locally(job: dict[str, Any]) -> Any:
-    """`--test_input`: the SDK's local mode does not iterate generators, so drain ours here, print each
-    message as a JSON line, and return what RunPod would (the list of messages, or the error)."""
-    messages = []
-    for message in handler(job):
+_NOT_LOGGED = ("url", "audio_chunk")
+"""Fields of a message that no log line may hold: a bearer credential, and the audio itself."""
+
+
+async def _run_locally(job: dict[str, Any]) -> Any:
+    """`--test_input`: the SDK's local mode calls a handler once and does not iterate a generator, so
+    this runs ours through the SDK's own generator runner (as on RunPod) and prints each message as a
+    JSON line. It returns what the SDK then logs: the error, or the messages without `_NOT_LOGGED`."""
+    logged = []
+    async for partial in rp_job.run_job_generator(handler, job):
+        message = partial.get("output", partial)  # the runner wraps each message in {"output": ...}
         print(json.dumps(message), flush=True)
         if "error" in message:
             return {"error": message["error"]}
-        messages.append(message)
-    return messages
+        logged.append({name: value for name, value in message.items() if name not in _NOT_LOGGED})
+    return logged
 
 
 RUNPOD_CONFIG: dict[str, Any] = {"handler": handler, "return_aggregate_stream": True}

@@ -59,12 +59,17 @@ class StreamJoiner:
         return to_int16(held)
 
 
-def stream_pcm(request: TTSRequest, services: Services) -> Iterator[dict[str, Any]]:
-    """Synthesise chunk by chunk, yielding the seed's `streaming` messages, then its `complete` one."""
+def stream_pcm(
+    request: TTSRequest, services: Services, *, crossfade_ms: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """Synthesise chunk by chunk, yielding the seed's `streaming` messages, then its `complete` one.
+    `crossfade_ms` replaces the request's (the seed's `stream_crossfade_ms`, which may run to 2000 ms);
+    `enable_crossfade: false` turns either off."""
     engine = services.engine
     voice, options = voice_inputs(request, services.settings), generation_options(request)
     chunks = text_chunks(request)
-    crossfade = request.crossfade_ms if request.enable_crossfade else 0
+    chosen = request.crossfade_ms if crossfade_ms is None else crossfade_ms
+    crossfade = chosen if request.enable_crossfade else 0
     joiner = StreamJoiner(sample_rate=engine.sample_rate, crossfade_ms=crossfade)
     sent = samples = 0
     for index in range(len(chunks)):
