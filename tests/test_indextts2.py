@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ import soundfile
 
 from producer.app import TTSTask, create_app
 from producer.config import ProducerConfig
-from producer.errors import EngineUnusable, GPUOutOfMemory, InvalidRequest
+from producer.errors import EngineUnusable, GPUOutOfMemory, InvalidRequest, UnreadableText
 from producer.schema import parse_request
 from tests.conftest import FAKE_INDEXTTS
 from tts_worker.engines.base import GenerationOptions, VoiceInputs
@@ -51,7 +52,7 @@ def settings(checkpoints: Path, voices: Path) -> Settings:
     return Settings.from_env(
         {"TTS_ENGINE": "indextts2", "CHECKPOINTS_DIR": str(checkpoints), "AUDIO_VOICES_DIR": str(voices),
          "DEFAULT_VOICE": "alice", "USE_FP16": "true", "USE_CUDA_KERNEL": "true", "USE_DEEPSPEED": "false",
-         "USE_ACCEL": "true", "USE_TORCH_COMPILE": "true", "TTS_DEVICE": "cuda:1",
+         "USE_ACCEL": "false", "USE_TORCH_COMPILE": "true", "TTS_DEVICE": "cuda:1",
          "MAX_TOKENS_PER_SEGMENT": "80"}
     )  # fmt: skip
 
@@ -79,11 +80,20 @@ def test_model_is_built_from_the_settings(stand_in: None, settings: Settings) ->
     assert call["output_path"] is None  # audio in memory, no temporary file
 
 
+def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *modules: str) -> None:
+    """Empty packages of these names on sys.path, so that `find_spec` finds them."""
+    for module in modules:
+        (tmp_path / "installed" / module).mkdir(parents=True)
+        (tmp_path / "installed" / module / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "installed"))
+
+
 def test_constructor_arguments(
     stand_in: None, settings: Settings, checkpoints: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FAKE_INDEXTTS_LOG", str(tmp_path / "calls.jsonl"))
-    make_engine(replace(settings, attn_backend="flash"))
+    installed(tmp_path, monkeypatch, "flash_attn")
+    make_engine(replace(settings, attn_backend="flash", use_accel=True))
     [built] = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
     assert built == {
         "call": "__init__", "model_dir": str(checkpoints), "cfg_path": str(checkpoints / "config.yaml"),
@@ -124,18 +134,42 @@ def test_defaults_leave_the_engine_its_own(stand_in: None, settings: Settings) -
     assert call["spk_audio_prompt"].endswith("alice.wav")  # DEFAULT_VOICE when the request names none
 
 
-def test_emotion_vector_gets_the_web_uis_normalisation(stand_in: None, settings: Settings) -> None:
-    from tts_worker.engines.indextts2 import EMOTION_BIAS, normalize_emo_vector
+# What upstream's normalize_emo_vec (indextts2-inference 2.1.1, indextts/infer_v2.py lines 325-339:
+# emo_bias = [0.9375, 0.875, 1.0, 1.0, 0.9375, 0.9375, 0.6875, 0.5625], then scaled to sum to at
+# most 0.8) returns for these vectors, computed with a copy of that function and written out here.
+UPSTREAM_NORMALISED = [
+    ([0.1, 0, 0, 0, 0, 0, 0, 0.2], [0.09375, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1125]),
+    (
+        [1.0] * 8,
+        [0.10810810810810811, 0.10090090090090091, 0.11531531531531532, 0.11531531531531532,
+         0.10810810810810811, 0.10810810810810811, 0.07927927927927929, 0.06486486486486487],
+    ),
+    (
+        [0.5, 0.2, 0, 0.9, 0, 0.3, 0.6, 1.0],
+        [0.13392857142857142, 0.05, 0.0, 0.2571428571428572, 0.0, 0.08035714285714285,
+         0.11785714285714285, 0.1607142857142857],
+    ),
+]  # fmt: skip
 
-    small = [0.1, 0, 0, 0, 0, 0, 0, 0.2]
-    assert normalize_emo_vector(small) == pytest.approx([0.09375, 0, 0, 0, 0, 0, 0, 0.1125])
-    loud = [1.0] * 8
-    normalised = normalize_emo_vector(loud)
-    assert sum(normalised) == pytest.approx(0.8)
-    assert normalised == pytest.approx([0.8 * b / sum(EMOTION_BIAS) for b in EMOTION_BIAS])
+
+@pytest.mark.parametrize(("vector", "expected"), UPSTREAM_NORMALISED)
+def test_emotion_vector_gets_the_web_uis_normalisation(
+    stand_in: None, settings: Settings, vector: list[float], expected: list[float]
+) -> None:
+    from tts_worker.engines.indextts2 import normalize_emo_vector
+
+    assert normalize_emo_vector(vector) == pytest.approx(expected, abs=1e-12)
     engine = make_engine(settings)
-    engine.synthesize("Hi.", voice(settings, emo_vector=loud))
-    assert engine._model.calls[0]["emo_vector"] == pytest.approx(normalised)
+    engine.synthesize("Hi.", voice(settings, emo_vector=vector))
+    assert engine._model.calls[0]["emo_vector"] == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_a_blank_emo_text_reaches_infer_as_none(stand_in: None, settings: Settings, blank: str) -> None:
+    """As in the web UI: IndexTTS2 then takes the emotion from the text, not from ""."""
+    engine = make_engine(settings)
+    engine.synthesize("Hi.", replace(voice(settings, use_emo_text=True), emo_text=blank))
+    assert engine._model.calls[0]["emo_text"] is None
 
 
 def test_speaker_voice_is_required_when_there_is_no_default(stand_in: None, settings: Settings) -> None:
@@ -208,20 +242,130 @@ def test_a_device_side_assert_makes_the_engine_unusable(
         engine.synthesize("This <assert> breaks CUDA.", voice(settings))
 
 
-def test_punctuation_only_gives_no_audio(stand_in: None, settings: Settings) -> None:
+def test_out_of_memory_frees_the_cache_after_leaving_the_except_block(
+    stand_in: None, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PyTorch FAQ's pattern: while the exception is being handled its traceback still holds
+    the failed call's tensors, so the cache is emptied only once the except block is left."""
+    import gc
+
+    events: list[tuple[str, Any]] = []
+    cuda = SimpleNamespace(is_available=lambda: True,
+                           empty_cache=lambda: events.append(("empty_cache", sys.exc_info()[0])))  # fmt: skip
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
+    monkeypatch.setattr(gc, "collect", lambda *_: events.append(("collect", sys.exc_info()[0])) or 0)
+    monkeypatch.setenv("FAKE_INDEXTTS_OOM_ABOVE", "40")
     engine = make_engine(settings)
-    assert len(engine.synthesize("…!", voice(settings))) == 0
+    engine.synthesize("Fits at the second try.", voice(settings))
+    assert events == [("collect", None), ("empty_cache", None)]
 
 
-def test_worker_with_piper_never_imports_torch(base_env: dict[str, str]) -> None:
+def test_text_with_nothing_to_speak_is_unreadable_not_a_crash(stand_in: None, settings: Settings) -> None:
+    """indextts2-inference 2.1.1 fails in torch.cat with a RuntimeError (the stand-in does the same)."""
+    engine = make_engine(settings)
+    with pytest.raises(UnreadableText, match=r"text: IndexTTS2 found nothing to speak in '…!'"):
+        engine.synthesize("…!", voice(settings))
+
+
+def test_infer_returning_none_is_unreadable(
+    stand_in: None, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`infer` returns None when its generator yields nothing (it catches IndexError for that)."""
+    engine = make_engine(settings)
+    monkeypatch.setattr(engine._model, "infer", lambda *args, **kwargs: None)
+    with pytest.raises(UnreadableText, match=r"nothing to speak in 'Silent\.'"):
+        engine.synthesize("Silent.", voice(settings))
+
+
+def test_unreadable_text_fails_the_job_naming_the_text(
+    stand_in: None, settings: Settings, tmp_path: Path
+) -> None:
+    from tts_worker.pipeline import Services, run_job
+    from tts_worker.storage import make_storage
+
+    local = replace(settings, output_storage="local", output_audio_dir=tmp_path / "audio")
+    services = Services(settings=local, engine=make_engine(local), storage=make_storage(local))
+    with pytest.raises(UnreadableText, match=r"nothing to speak in '\?\?\?'"):
+        run_job(parse_request({"text": "???"}), services, job_id="unreadable")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"attn_backend": "sage"}, "ATTN_BACKEND=sage needs the sageattention package"),
+        ({"attn_backend": "flash"}, "ATTN_BACKEND=flash needs the flash_attn package"),
+        ({"use_accel": True}, "USE_ACCEL=true needs the flash_attn package"),
+    ],
+)
+def test_accelerators_that_are_not_installed_stop_the_engine_before_loading(
+    stand_in: None, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    changes: dict[str, Any], message: str,
+) -> None:  # fmt: skip
+    monkeypatch.setenv("FAKE_INDEXTTS_LOG", str(tmp_path / "calls.jsonl"))
+    with pytest.raises(RuntimeError, match=message):
+        make_engine(replace(settings, **changes))
+    assert not (tmp_path / "calls.jsonl").exists()  # refused before the model was built
+
+
+def test_installed_accelerators_and_deepspeed_are_left_to_indextts2(
+    stand_in: None, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    installed(tmp_path, monkeypatch, "sageattention")
+    engine = make_engine(replace(settings, attn_backend="sage", use_deepspeed=True))
+    assert engine._model is not None
+    # IndexTTS2 runs without deepspeed when it cannot import it; the worker says so once.
+    assert "USE_DEEPSPEED=true but deepspeed is not installed" in caplog.text
+
+
+def test_a_model_without_the_cache_attributes_is_refused(
+    stand_in: None, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should upstream rename one, the LRU would write a name the model never reads: stale voices."""
+    from indextts.infer_v2 import IndexTTS2
+
+    built = IndexTTS2.__init__
+
+    def renamed(self: Any, **kwargs: Any) -> None:
+        built(self, **kwargs)
+        self.cache_reference_mel = self.__dict__.pop("cache_mel")
+
+    monkeypatch.setattr(IndexTTS2, "__init__", renamed)
+    with pytest.raises(RuntimeError, match="has no cache_mel: its voice caches changed"):
+        make_engine(settings)
+
+
+@pytest.fixture
+def import_markers(tmp_path: Path) -> tuple[Path, Path]:
+    """Packages `torch` and `indextts` that leave a marker file when anything imports them (then
+    raise ImportError, so that a guarded `try: import torch` carries on and only the file tells)."""
+    for name in ("torch", "indextts"):
+        (tmp_path / "markers" / name).mkdir(parents=True)
+        (tmp_path / "markers" / name / "__init__.py").write_text(
+            f"open({str(tmp_path / f'{name}-imported')!r}, 'w').close()\n"
+            f"raise ImportError('{name} was imported')\n"
+        )
+    return tmp_path / "markers", tmp_path
+
+
+def test_worker_with_piper_never_imports_torch(
+    base_env: dict[str, str], import_markers: tuple[Path, Path]
+) -> None:
+    path, evidence = import_markers
     code = (
-        "import sys; from tts_worker import runtime; import tts_worker.celery, tts_worker.tasks;"
-        "runtime.services().engine.synthesize('Hi.', __import__('tts_worker.engines').engines.VoiceInputs());"
-        "print([m for m in ('torch', 'indextts') if m in sys.modules])"
+        "from tts_worker import runtime; import tts_worker.celery, tts_worker.tasks, tts_worker.health;"
+        "from tts_worker.engines import VoiceInputs;"
+        "runtime.services().engine.synthesize('Hi.', VoiceInputs()); print('spoke')"
     )
-    env = {**base_env, "TTS_ENGINE": "piper"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    pythonpath = os.pathsep.join([str(path), base_env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))])
+    env = {**base_env, "TTS_ENGINE": "piper", "PYTHONPATH": pythonpath}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "spoke" in done.stdout, done.stderr
+    assert sorted(p.name for p in evidence.glob("*-imported")) == []
+    # The markers work: a guarded import, as a library might try one, leaves its file.
+    guarded = "try:\n import torch\nexcept ImportError:\n pass"
+    subprocess.run([sys.executable, "-c", guarded], env=env, check=True)
+    assert (evidence / "torch-imported").exists()
 
 
 def _real_model_available() -> tuple[bool, str]:
@@ -240,19 +384,37 @@ def _real_model_available() -> tuple[bool, str]:
     return True, ""
 
 
+REAL_JOB = """
+import json, sys
+from producer.schema import parse_request
+from tts_worker import runtime
+from tts_worker.pipeline import run_job
+request = parse_request({"text": "The real model, on a real GPU.", "output_format": "wav"})
+result = run_job(request, runtime.services(), job_id="gpu-test")
+print(json.dumps(result))
+"""
+
+
 @pytest.mark.gpu
-def test_real_model_speaks(tmp_path: Path) -> None:
+def test_real_model_speaks_through_the_whole_pipeline(tmp_path: Path) -> None:
+    """The real model offline, as the worker runs it (HF_HUB_OFFLINE=1, which huggingface_hub reads
+    at import: hence a process of its own), through run_job: warm-up, synthesis, encoding, storage."""
     available, reason = _real_model_available()
     if not available:
         pytest.skip(reason)
-    settings = Settings.from_env({**os.environ, "TTS_ENGINE": "indextts2"})
-    assert settings.default_voice, "set DEFAULT_VOICE to a reference voice in AUDIO_VOICES_DIR"
-    engine = make_engine(settings)
-    request = parse_request(
-        {"text": "The real model, on a real GPU.", "speaker_voice": settings.default_voice}
+    env = {**os.environ, "TTS_ENGINE": "indextts2", "HF_HUB_OFFLINE": "1", "OUTPUT_STORAGE": "local",
+           "OUTPUT_AUDIO_DIR": str(tmp_path / "audio")}  # fmt: skip
+    assert Settings.from_env(env).default_voice, "set DEFAULT_VOICE to a reference voice in AUDIO_VOICES_DIR"
+    done = subprocess.run(
+        [sys.executable, "-c", REAL_JOB], env=env, capture_output=True, text=True, timeout=1200, check=False
     )
-    audio = engine.synthesize(request.text, voice_inputs(request, settings), generation_options(request))
-    assert 1.0 < len(audio) / 22050 < 10
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["status"] == "completed" and result["metadata"]["engine"] == "indextts2"
+    assert result["metadata"]["device"].startswith("cuda")
+    audio, rate = soundfile.read(tmp_path / "audio" / "gpu-test.wav", dtype="int16")
+    assert rate == result["metadata"]["sample_rate"]
+    assert 1.0 < len(audio) / rate < 10
     assert np.sqrt(np.mean(audio.astype(np.float64) ** 2)) > 300
 
 
@@ -304,6 +466,25 @@ def test_a_poisoned_context_ends_the_process_and_the_job_completes_on_a_fresh_on
     assert "the job is requeued" in worker.process.log()
     built = [c["pid"] for c in logged_calls(calls) if c["call"] == "__init__"]
     assert built[-1] == after  # the fresh process loaded a fresh model
+
+
+def test_a_job_that_poisons_every_process_fails_after_two_instead_of_forever(indextts2_worker: Any) -> None:
+    from tts_worker.tasks import MAX_PROCESS_ENDINGS
+
+    worker, calls, _ = indextts2_worker
+    sent = worker.tts.delay(text="This <always-assert> breaks CUDA every time.")
+    with pytest.raises(UnreadableText, match=f"job {sent.id} failed for good: it ended 2 worker processes"):
+        sent.get(timeout=120)
+    assert MAX_PROCESS_ENDINGS == 2
+    endings = [line for line in worker.process.log().splitlines()
+               if f"job {sent.id}:" in line and "ending this worker process" in line]  # fmt: skip
+    assert len(endings) == 2, endings
+    assert "process ending 1 of at most 2" in endings[0]
+    assert "requeued only to be failed (it ended 2 processes)" in endings[1]
+    # The third delivery ran on a fresh process that never gave the job to the engine, and serves on.
+    infers = [c for c in logged_calls(calls) if c["call"] == "infer" and "<always-assert>" in c["text"]]
+    assert len(infers) == 2
+    assert worker.tts.delay(text="Still serving.").get(timeout=60)["status"] == "completed"
 
 
 @pytest.mark.slow

@@ -2,7 +2,9 @@
 
 Retries follow the error tree: `TransientError` is retried with exponential backoff and full jitter,
 up to TASK_MAX_RETRIES times (waiting up to RETRY_BACKOFF_S, then up to twice that, and so on);
-everything else fails at once. The worker process survives both.
+everything else fails at once. The worker process survives both, except `EngineUnusable` (a poisoned
+CUDA context): then the process ends and the job is requeued for a fresh one, at most
+MAX_PROCESS_ENDINGS times per job (counted in the result backend's Redis), after which the job fails.
 """
 
 from __future__ import annotations
@@ -11,17 +13,24 @@ import logging
 import os
 from typing import Any, NoReturn
 
+import redis
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from redis.exceptions import RedisError
 
 from producer.app import TASK_NAME
-from producer.errors import EngineUnusable, InvalidRequest, JobTimeLimitExceeded, TransientError
+from producer.errors import (
+    EngineUnusable,
+    InvalidRequest,
+    JobTimeLimitExceeded,
+    TransientError,
+    UnreadableText,
+)
 from producer.schema import parse_request
 from tts_worker import runtime
 from tts_worker.pipeline import log_done, run_job, text_chunks
 
-__all__ = ["synthesize"]
+__all__ = ["MAX_PROCESS_ENDINGS", "synthesize"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,7 @@ def synthesize(self: Task[Any, dict[str, Any]], *args: Any, **fields: Any) -> di
         raise InvalidRequest("request: tts.synthesize takes keyword fields only", field="request")
     services = runtime.services()
     request = parse_request(fields, max_text_chars=services.settings.max_text_chars)
+    _refuse_if_it_ended_processes(self, job_id)
     log.info(
         "job %s start: engine=%s chars=%d chunks=%d",
         job_id, services.engine.name, len(request.text), len(text_chunks(request)),
@@ -58,18 +68,78 @@ def synthesize(self: Task[Any, dict[str, Any]], *args: Any, **fields: Any) -> di
             f"job {job_id} ran past its soft time limit ({services.settings.task_soft_time_limit_s} s)"
         ) from None
     except EngineUnusable as exc:
-        _end_this_process(job_id, exc)
+        _end_this_process(self, job_id, exc)
     log_done(job_id, result)
     return result
 
 
 EXIT_ENGINE_UNUSABLE = 70
+MAX_PROCESS_ENDINGS = 2
+"""Worker processes one job may end with a poisoned CUDA context before it fails for good: a job
+that triggers a device-side assert every time would otherwise be requeued, and end a process,
+forever. Two tell a passing fault of one process from a job that breaks every model it meets."""
+ENDINGS_TTL_S = 7 * 86_400
+"""How long the count is kept: as long as results, for a requeued job may wait behind a backfill."""
 
 
-def _end_this_process(job_id: str, exc: EngineUnusable) -> NoReturn:
+def _endings_key(job_id: str) -> str:
+    return f"tts:process-endings:{job_id}"
+
+
+def _counter(task: Task[Any, Any]) -> redis.Redis | None:
+    """The result backend's Redis client (the count must outlive the process and be seen by every
+    worker); None for a backend that is not Redis."""
+    client = getattr(task.backend, "client", None)
+    return client if isinstance(client, redis.Redis) else None
+
+
+def _refuse_if_it_ended_processes(task: Task[Any, Any], job_id: str) -> None:
+    """Fail the job for good, before the engine sees it, once it has ended MAX_PROCESS_ENDINGS."""
+    client = _counter(task)
+    if client is None:
+        return
+    try:
+        record = client.hgetall(_endings_key(job_id))
+    except RedisError as exc:  # cannot tell: run it, as without the count
+        log.warning("job %s: process endings not read: %s", job_id, exc)
+        return
+    count = int(record.get(b"count", 0))
+    if count >= MAX_PROCESS_ENDINGS:
+        last = record.get(b"error", b"")
+        last = last.decode(errors="replace") if isinstance(last, bytes) else last
+        raise UnreadableText(
+            f"job {job_id} failed for good: it ended {count} worker processes with a CUDA error "
+            f"that poisons the device (last: {last}); it is not run again"
+        )
+
+
+def _count_ending(task: Task[Any, Any], job_id: str, exc: EngineUnusable) -> int | None:
+    client = _counter(task)
+    if client is None:
+        return None
+    key = _endings_key(job_id)
+    try:
+        with client.pipeline() as pipe:
+            pipe.hincrby(key, "count", 1)
+            pipe.hset(key, "error", str(exc)[:300])
+            pipe.expire(key, ENDINGS_TTL_S)
+            count, *_ = pipe.execute()
+    except RedisError as error:
+        log.warning("job %s: process ending not counted: %s", job_id, error)
+        return None
+    return int(count)
+
+
+def _end_this_process(task: Task[Any, Any], job_id: str, exc: EngineUnusable) -> NoReturn:
     """The model's device is poisoned: every later job here would fail. Exit without acknowledging
     the job, so that the pool's parent requeues it (`task_reject_on_worker_lost`) and starts a
-    fresh process, which loads a fresh model."""
-    log.critical("job %s: %s; ending this worker process, the job is requeued", job_id, exc)
+    fresh process, which loads a fresh model. The ending is counted first, so that the job's
+    next delivery fails it instead once it has ended MAX_PROCESS_ENDINGS processes."""
+    count = _count_ending(task, job_id, exc)
+    if count is not None and count >= MAX_PROCESS_ENDINGS:
+        outcome = f"the job is requeued only to be failed (it ended {count} processes)"
+    else:
+        outcome = f"the job is requeued (process ending {count or '?'} of at most {MAX_PROCESS_ENDINGS})"
+    log.critical("job %s: %s; ending this worker process, %s", job_id, exc, outcome)
     logging.shutdown()
     os._exit(EXIT_ENGINE_UNUSABLE)

@@ -8,11 +8,16 @@ settings and warmed up before the process takes a job. What it adds around `Inde
 - conditionings keyed on the voice file's content, several kept (see `voice_cache`);
 - CUDA out of memory: free the cache and retry the chunk with halved segments, then fail as
   transient; a CUDA error that poisons the context (device-side assert) raises `EngineUnusable`
-  so the caller replaces the process.
+  so the caller replaces the process;
+- text in which IndexTTS2 finds nothing to speak (2.1.1 then fails in `torch.cat` of no segments)
+  raises `UnreadableText`, a permanent error, instead of a bare RuntimeError;
+- options whose packages are missing (ATTN_BACKEND=sage, flash, USE_ACCEL) refused before loading.
 """
 
 from __future__ import annotations
 
+import gc
+import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
@@ -21,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from producer.errors import EngineUnusable, GPUOutOfMemory, InvalidRequest
+from producer.errors import EngineUnusable, GPUOutOfMemory, InvalidRequest, UnreadableText
 from tts_worker.engines.base import NO_OPTIONS, Audio, GenerationOptions, VoiceInputs
 from tts_worker.engines.voice_cache import ConditioningCache
 from tts_worker.settings import Settings
 
-__all__ = ["EMOTION_BIAS", "IndexTTS2Engine", "normalize_emo_vector"]
+__all__ = ["EMOTION_BIAS", "IndexTTS2Engine", "missing_packages", "normalize_emo_vector"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,11 @@ class IndexTTS2Engine:
     sample_rate = 22050
 
     def __init__(self, settings: Settings) -> None:
+        problems = missing_packages(settings)
+        if problems:  # before minutes of loading, and named by our variables rather than upstream's
+            raise RuntimeError("; ".join(problems))
+        if settings.use_deepspeed and importlib.util.find_spec("deepspeed") is None:
+            log.warning("USE_DEEPSPEED=true but deepspeed is not installed: IndexTTS2 runs without it")
         try:
             from indextts.infer_v2 import IndexTTS2
         except ImportError as exc:
@@ -88,26 +98,47 @@ class IndexTTS2Engine:
                             f"CUDA failed in a way that poisons this process: {exc}"
                         ) from exc
                     raise
-                _free_cuda_cache()
-                if tokens <= MIN_TOKENS_PER_SEGMENT:
-                    raise GPUOutOfMemory(
-                        f"CUDA out of memory even with max_text_tokens_per_segment={tokens}: {exc}"
-                    ) from exc
-                tokens = max(MIN_TOKENS_PER_SEGMENT, tokens // 2)
-                log.warning(
-                    "CUDA out of memory; retrying the chunk with max_text_tokens_per_segment=%d", tokens
+                failure = str(exc)
+            # Out of the except block: the exception's traceback holds the frames, and with them
+            # the tensors, of the failed call; only now can the cache give that memory back.
+            _free_cuda_cache()
+            if tokens <= MIN_TOKENS_PER_SEGMENT:
+                raise GPUOutOfMemory(
+                    f"CUDA out of memory even with max_text_tokens_per_segment={tokens}: {failure}"
                 )
+            tokens = max(MIN_TOKENS_PER_SEGMENT, tokens // 2)
+            log.warning("CUDA out of memory; retrying the chunk with max_text_tokens_per_segment=%d", tokens)
 
     def _infer(self, text: str, tokens: int, arguments: dict[str, Any]) -> Audio:
-        result = self._model.infer(
-            text=text, output_path=None, max_text_tokens_per_segment=tokens, **arguments
-        )
-        if result is None:  # no segment to speak (e.g. punctuation only)
-            return np.zeros(0, dtype=np.int16)
+        try:
+            result = self._model.infer(
+                text=text, output_path=None, max_text_tokens_per_segment=tokens, **arguments
+            )
+        except RuntimeError as exc:
+            if _no_segments(exc):
+                raise _unreadable(text) from exc
+            raise
+        if result is None:  # what `infer` returns when its generator yields nothing
+            raise _unreadable(text)
         rate, samples = result
         if rate != self.sample_rate:
             raise RuntimeError(f"IndexTTS2 returned {rate} Hz audio; this engine expects {self.sample_rate}")
         return np.asarray(samples, dtype=np.int16).reshape(-1)
+
+
+def missing_packages(settings: Settings) -> list[str]:
+    """What the settings ask for that is not installed and would make loading fail (no import)."""
+    wanted = []
+    if settings.attn_backend == "sage":
+        wanted.append(("sageattention", "ATTN_BACKEND=sage", "pip install sageattention"))
+    if settings.attn_backend == "flash" or settings.use_accel:
+        what = "ATTN_BACKEND=flash" if settings.attn_backend == "flash" else "USE_ACCEL=true"
+        wanted.append(("flash_attn", what, "pip install flash-attn, built for this torch and CUDA"))
+    return [
+        f"{what} needs the {module} package, which is not installed ({install}; the image has none)"
+        for module, what, install in wanted
+        if importlib.util.find_spec(module) is None
+    ]
 
 
 def model_arguments(settings: Settings) -> dict[str, Any]:
@@ -135,7 +166,9 @@ def infer_arguments(voice: VoiceInputs, options: GenerationOptions) -> dict[str,
         "emo_alpha": voice.emo_alpha,
         "emo_vector": normalize_emo_vector(voice.emo_vector) if voice.emo_vector else None,
         "use_emo_text": voice.use_emo_text,
-        "emo_text": voice.emo_text,
+        # Blank means "none", as in the web UI: IndexTTS2 then reads the emotion from the text itself
+        # (it replaces only None by the text, and would analyse "" as it is).
+        "emo_text": voice.emo_text if voice.emo_text and voice.emo_text.strip() else None,
         "use_random": voice.use_random,
     }
     if options.interval_silence is not None:
@@ -170,8 +203,21 @@ def _poisons_context(exc: BaseException) -> bool:
     return "device-side assert" in message or "CUDA error" in message or "illegal memory access" in message
 
 
+def _no_segments(exc: RuntimeError) -> bool:
+    # indextts2-inference 2.1.1 concatenates the audio of every segment with `torch.cat(wavs)`,
+    # which fails so when the tokenizer made no segment of the text.
+    return "expected a non-empty list of Tensors" in str(exc)
+
+
+def _unreadable(text: str) -> UnreadableText:
+    return UnreadableText(f"text: IndexTTS2 found nothing to speak in {text[:60]!r}")
+
+
 def _free_cuda_cache() -> None:
+    """Collect what the failed call left (reference cycles included), then hand the CUDA cache back
+    (the PyTorch FAQ's recovery from out of memory). Call it outside the `except` block."""
     # torch is loaded by indextts when the model runs; never import it here for its own sake.
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()

@@ -8,6 +8,9 @@ the file's bytes instead, and keeps the last few of each in an LRU.
 It works through the model's own cache attributes (`cache_spk_*`, `cache_emo_*`, as named in
 indextts2-inference's `infer_v2.py`): before a call it loads the entry for this content, or empties
 the model's slot so that the model computes it afresh; after the call it keeps what the model made.
+Those attributes are private: should a release rename one, writing the old name would change
+nothing the model reads, and a replaced voice file would be served stale without a word. So the
+cache refuses to start unless the model has every one of them (see `ConditioningCache`).
 """
 
 from __future__ import annotations
@@ -66,9 +69,22 @@ class _Slot:
 
 
 class ConditioningCache:
-    """Per-process LRU of speaker and emotion conditionings for one IndexTTS2 model."""
+    """Per-process LRU of speaker and emotion conditionings for one IndexTTS2 model.
+
+    Raises RuntimeError when the model lacks one of the attributes it works through. Failing is the
+    safe choice: disabling the LRU would not help, since even with VOICE_CACHE_SIZE=0 it is this
+    cache that empties the model's path-keyed slot so that a replaced file is analysed afresh;
+    without that, IndexTTS2 itself serves the old voice for the same path."""
 
     def __init__(self, model: Any, *, size: int) -> None:
+        missing = [name for name in (*SPEAKER_SLOT, SPEAKER_KEY, *EMOTION_SLOT, EMOTION_KEY)
+                   if not hasattr(model, name)]  # fmt: skip
+        if missing:
+            raise RuntimeError(
+                f"this IndexTTS2 ({type(model).__module__}) has no {', '.join(missing)}: its voice "
+                "caches changed, and voice files replaced under the same name would be served stale; "
+                "install the indextts2-inference version pinned in docker/constraints-gpu.txt"
+            )
         self.speaker = _Slot(model, SPEAKER_SLOT, SPEAKER_KEY, size)
         self.emotion = _Slot(model, EMOTION_SLOT, EMOTION_KEY, size)
 

@@ -7,7 +7,10 @@ What it copies from indextts2-inference 2.1.1 (`indextts/infer_v2.py`):
   (`cache_spk_cond`, `cache_s2mel_style`, `cache_s2mel_prompt`, `cache_mel`,
   `cache_spk_audio_prompt`, `cache_emo_cond`, `cache_emo_audio_prompt`), recomputed when the first
   attribute is None or the path differs; and "emotion from the speaker" when no emotion prompt is
-  given or a vector/text overrides it.
+  given or a vector/text overrides it;
+- text with nothing to speak: the conditionings are computed (upstream does so before tokenizing),
+  then `torch.cat` of no segments fails with RuntimeError (2.1.1 catches only IndexError there).
+  Here "nothing to speak" is text without a letter or digit.
 The audio depends on the conditioning's content (its pitch comes from the bytes of the voice file
 read when the conditioning was computed), so a stale cache is audible in the samples.
 
@@ -16,6 +19,7 @@ Cues, from the environment (read at each call, so that a test can set them per w
 - FAKE_INDEXTTS_OOM_ABOVE=N: raise OutOfMemoryError while max_text_tokens_per_segment > N;
 - FAKE_INDEXTTS_ASSERT_ONCE=PATH: raise a device-side assert on text containing "<assert>", once
   (PATH is created when it fires, and it does not fire while PATH exists);
+- text containing "<always-assert>" raises a device-side assert on every call (no variable needed);
 - FAKE_INDEXTTS_CONDITIONING_S: seconds each conditioning computation takes (default 0);
 - FAKE_INDEXTTS_LOAD_S: seconds the constructor takes, as the real one takes minutes (default 0).
 """
@@ -83,7 +87,7 @@ class IndexTTS2:
         verbose: bool = False,
         max_text_tokens_per_segment: int = 120,
         **generation_kwargs: Any,
-    ) -> tuple[int, np.ndarray] | None:
+    ) -> tuple[int, np.ndarray]:
         call = {"call": "infer", "spk_audio_prompt": spk_audio_prompt, "text": text,
                 "output_path": output_path, "emo_audio_prompt": emo_audio_prompt, "emo_alpha": emo_alpha,
                 "emo_vector": emo_vector, "use_emo_text": use_emo_text, "emo_text": emo_text,
@@ -98,8 +102,8 @@ class IndexTTS2:
         pitch = self._speaker_conditioning(spk_audio_prompt)
         self._emotion_conditioning(emo_audio_prompt)
         spoken = [c for c in text if c.isalnum()]
-        if not spoken:
-            return None
+        if not spoken:  # as `torch.cat([], dim=1)` in upstream's infer_generator
+            raise RuntimeError("torch.cat(): expected a non-empty list of Tensors")
         samples = 22050 * len(spoken) // 15
         t = np.arange(samples) / 22050
         wav = (8000 * np.sin(2 * np.pi * pitch * t)).astype(np.int16).reshape(-1, 1)
@@ -109,6 +113,8 @@ class IndexTTS2:
         oom_above = os.environ.get("FAKE_INDEXTTS_OOM_ABOVE")
         if oom_above and tokens > int(oom_above):
             raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if "<always-assert>" in text:
+            raise RuntimeError("CUDA error: device-side assert triggered")
         marker = os.environ.get("FAKE_INDEXTTS_ASSERT_ONCE")
         if marker and "<assert>" in text and not Path(marker).exists():
             Path(marker).touch()
