@@ -107,12 +107,15 @@ class TTSTask:
 
 
 def shown_fields(fields: dict[str, Any]) -> str:
-    """How Flower and the worker's log show a job's fields (`kwargsrepr`): the text cut to 80 characters,
-    so that a monitoring page never carries whole documents."""
-    text = fields.get("text")
-    if isinstance(text, str) and len(text) > 80:
-        fields = {**fields, "text": text[:79] + "…"}
-    return repr(fields)
+    """How Flower and the worker's log show a job's fields (`kwargsrepr`): `text` and `emo_text` cut to
+    80 characters, so that a monitoring page never carries whole documents. No request field is a
+    credential (voices are file names, the storage's keys are the worker's settings)."""
+    cut = {
+        name: value[:79] + "…"
+        for name in ("text", "emo_text")  # the free-text fields
+        if isinstance(value := fields.get(name), str) and len(value) > 80
+    }
+    return repr({**fields, **cut})
 
 
 tts = TTSTask(app)

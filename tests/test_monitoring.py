@@ -20,12 +20,14 @@ from celery.result import AsyncResult
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from producer.app import BACKFILL_QUEUE, TTSTask, create_app
+from producer.app import BACKFILL_QUEUE, TTSTask, create_app, shown_fields
 from producer.config import ProducerConfig
-from producer.errors import UnknownVoice
+from producer.errors import EncodingError, InvalidRequest, StorageError, UnknownVoice, UnreadableText
 from tests.conftest import WorkerHandle
+from tts_worker import runtime
 from tts_worker.devstack import RedisServer, free_port, wait_until
-from tts_worker.metrics import QueueDepthCollector, queue_depths
+from tts_worker.metrics import QueueDepthCollector, loggable_message, queue_depths
+from tts_worker.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -165,13 +167,26 @@ def test_a_failed_job_shows_its_error_in_flower_and_in_the_metrics(
     assert worker_metrics(worker)[("tts_job_failures_total", (("error", "UnknownVoice"),))] >= 1
 
 
-def test_flower_shows_the_text_shortened(worker: WorkerHandle, flower: Flower) -> None:
+def test_flower_shows_the_text_and_the_emotion_text_shortened(worker: WorkerHandle, flower: Flower) -> None:
     text = "Start of a long text. " + "Middle. " * 8 + "The very end."  # 99 characters
-    result = worker.tts.delay(text=text, max_chars_per_chunk=1000, output_format="wav")
+    emo_text = "Calm at first, " + "then more and more worried, " * 4 + "and at last afraid."
+    result = worker.tts.delay(
+        text=text, use_emo_text=True, emo_text=emo_text, max_chars_per_chunk=1000, output_format="wav"
+    )
     result.get(timeout=60)
     shown = flower.task(result.id, "SUCCESS")["kwargs"]
     assert "Start of a long text." in shown and "The very end." not in shown
-    assert len(shown) < 200 and "'output_format': 'wav'" in shown
+    assert "Calm at first," in shown and "afraid" not in shown
+    assert len(shown) < 300 and "'output_format': 'wav'" in shown
+
+
+def test_shown_fields_cut_only_the_free_text_fields() -> None:
+    fields = {"text": "x" * 80, "emo_text": "y" * 81, "speaker_voice": "z" * 100}
+    assert shown_fields(fields) == repr({**fields, "emo_text": "y" * 79 + "…"})
+    assert shown_fields({**fields, "text": "x" * 81}) == repr(
+        {**fields, "text": "x" * 79 + "…", "emo_text": "y" * 79 + "…"}
+    )
+    assert shown_fields({"emo_text": None, "text": "Hi."}) == repr({"emo_text": None, "text": "Hi."})
 
 
 def test_flower_metrics_answer_and_its_api_wants_credentials(flower: Flower) -> None:
@@ -232,6 +247,67 @@ def test_each_job_logs_one_start_and_one_end_line_without_secrets(worker: Worker
 def test_the_worker_log_holds_no_presigned_url(worker: WorkerHandle) -> None:
     worker.tts.delay(text="Hello.").get(timeout=30)
     assert "X-Amz-Signature" not in worker.process.log()
+
+
+PRIVATE_TEXT = "Dear Ms Smith, your test results are in."
+
+
+def lines_of(worker: WorkerHandle, job_id: str, what: str) -> list[str]:
+    """This job's log lines of one kind (`failed`, `retry`), once the worker has run a job after it:
+    with one process taking one job at a time, the signals of the job before have been handled."""
+    worker.tts.delay(text="Next, please.").get(timeout=60)
+    return [line for line in worker.process.log().splitlines() if f"job {job_id} {what}" in line]
+
+
+def test_a_failed_job_logs_one_line_with_its_error_and_not_its_text(worker: WorkerHandle) -> None:
+    result = worker.tts.delay(text=PRIVATE_TEXT, speaker_voice="nobody")
+    with pytest.raises(UnknownVoice):
+        result.get(timeout=30)
+    [line] = lines_of(worker, result.id, "failed")
+    assert "WARNING" in line and "UnknownVoice: speaker_voice: no voice 'nobody'" in line
+    assert PRIVATE_TEXT not in line and "Ms Smith" not in worker.process.log()
+
+
+def test_a_retried_job_logs_each_retry_then_its_failure(flaky_s3_worker: WorkerHandle) -> None:
+    result = flaky_s3_worker.tts.delay(text=PRIVATE_TEXT)
+    with pytest.raises(StorageError):
+        result.get(timeout=90)
+    # The next job fails as well (every upload is cut off): wait for its outcome, not for a log line.
+    follow_up = flaky_s3_worker.tts.delay(text="Next, please.")
+    with pytest.raises(StorageError):
+        follow_up.get(timeout=90)
+    log = flaky_s3_worker.process.log().splitlines()
+    retries = [line for line in log if f"job {result.id} retry" in line]
+    assert [line.split(f"job {result.id} ")[1].split(" in ")[0] for line in retries] == [
+        "retry 1 of 2",
+        "retry 2 of 2",
+    ]
+    assert all(": StorageError: S3 could not upload" in line for line in retries)
+    [failed] = [line for line in log if f"job {result.id} failed" in line]
+    assert "ERROR" in failed and "StorageError: S3 could not upload" in failed
+    everything = "\n".join(log)
+    assert PRIVATE_TEXT not in everything and flaky_s3_worker.env["S3_SECRET_ACCESS_KEY"] not in everything
+
+
+def test_an_error_message_is_logged_without_the_text_or_a_credential(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        runtime, "settings", lambda: Settings(s3_secret_access_key="s3cr3t-key", hf_token="hf_tok")
+    )
+    fields = {"text": "Alpha beta.\n  Gamma delta epsilon.", "emo_text": "Quietly furious"}
+    exc = UnreadableText("text: piper produced no audio for chunk 2 of 2 ('Gamma delta epsilon.')")
+    assert loggable_message(exc, fields) == (
+        "UnreadableText: text: piper produced no audio for chunk 2 of 2 ('<text>')"
+    )
+    assert loggable_message(InvalidRequest("emo_text: 'Quietly furious' is odd"), fields).endswith(
+        "'<text>' is odd"
+    )
+    storage = StorageError(
+        "S3 could not upload (http://u:pw@s3:9000/b/k?X-Amz-Signature=abc): key s3cr3t-key,\ntoken hf_tok"
+    )
+    assert loggable_message(storage, fields) == (
+        "StorageError: S3 could not upload (http://u:**@s3:9000/b/k): key ***, token ***"
+    )
+    assert len(loggable_message(EncodingError("ffmpeg: " + "x" * 1000), {})) == len("EncodingError: ") + 300
 
 
 def test_queue_depth_counts_every_priority_list(redis_server: RedisServer) -> None:

@@ -1,8 +1,11 @@
-"""Prometheus metrics of a worker, for what Flower does not measure. Off unless METRICS_PORT is set.
+"""What a worker tells its operators beyond Flower: Prometheus metrics, and a log line for each job
+that fails or is retried (`job <id> failed: <ErrorClass>: <message>`, from Celery's signals, so that
+the task module stays a thin caller; the message never carries the text or a credential).
 
-Then the worker's parent process serves `http://METRICS_ADDRESS:METRICS_PORT/metrics`:
+The metrics are off unless METRICS_PORT is set. Then the worker's parent process serves
+`http://METRICS_ADDRESS:METRICS_PORT/metrics`:
 
-    tts_jobs_started_total                 counter    jobs that began running
+    tts_jobs_started_total                 counter    runs that began: each retry or redelivery is one more
     tts_jobs_succeeded_total{engine}       counter
     tts_job_failures_total{error}          counter    by error class name (UnknownVoice, StorageError, ...)
     tts_job_retries_total{error}           counter    transient errors that were retried, by class name
@@ -21,9 +24,11 @@ counts as a success but adds no audio or synthesis time.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -32,14 +37,16 @@ from typing import TYPE_CHECKING, Any
 import redis
 from celery import signals
 from kombu.transport.redis import PRIORITY_STEPS, Channel
+from kombu.utils.url import maybe_sanitize_url
 
 from producer.app import QUEUES, TASK_NAME
+from producer.errors import PermanentError
 from tts_worker import runtime
 
 if TYPE_CHECKING:
     from prometheus_client import Metric
 
-__all__ = ["QueueDepthCollector", "queue_depths"]
+__all__ = ["QueueDepthCollector", "loggable_message", "queue_depths"]
 
 log = logging.getLogger(__name__)
 
@@ -166,14 +173,18 @@ def _clean_up(**_: Any) -> None:
         shutil.rmtree(_State.directory, ignore_errors=True)
 
 
+def _is_ours(sender: Any) -> bool:
+    return getattr(sender, "name", None) == TASK_NAME
+
+
 def _ours(sender: Any) -> _Recorder | None:
-    return _State.recorder if getattr(sender, "name", None) == TASK_NAME else None
+    return _State.recorder if _is_ours(sender) else None
 
 
 @signals.task_prerun.connect
 def _started(sender: Any = None, **_: Any) -> None:
     if recorder := _ours(sender):
-        recorder.started.inc()
+        recorder.started.inc()  # in every run: a retry is a new message, and so is a redelivery
 
 
 @signals.task_success.connect
@@ -183,13 +194,74 @@ def _succeeded(sender: Any = None, result: Any = None, **_: Any) -> None:
 
 
 @signals.task_failure.connect
-def _failed(sender: Any = None, exception: BaseException | None = None, **_: Any) -> None:
+def _failed(
+    sender: Any = None,
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    **_: Any,
+) -> None:
+    if not _is_ours(sender) or exception is None:
+        return
+    level = logging.WARNING if isinstance(exception, PermanentError) else logging.ERROR
+    # No traceback: Celery's own line for the failure has it.
+    log.log(level, "job %s failed: %s", task_id, loggable_message(exception, kwargs or {}))
     if recorder := _ours(sender):
         recorder.failures.labels(type(exception).__name__).inc()
 
 
 @signals.task_retry.connect
-def _retried(sender: Any = None, reason: Any = None, **_: Any) -> None:
+def _retried(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
+    if not _is_ours(sender):
+        return
+    cause = getattr(reason, "exc", None) or reason  # celery's Retry wraps the error that caused it
+    when = getattr(reason, "when", None)
+    delay = f"in {when:.1f} s" if isinstance(when, (int, float)) else f"at {when}"
+    attempt = getattr(request, "retries", 0) + 1  # the runs so far, less the first
+    fields = getattr(request, "kwargs", None) or {}
+    log.warning(
+        "job %s retry %d of %s %s: %s",
+        getattr(request, "id", None), attempt, sender.max_retries, delay, loggable_message(cause, fields),
+    )  # fmt: skip
     if recorder := _ours(sender):
-        cause = getattr(reason, "exc", None) or reason  # celery's Retry wraps the error that caused it
         recorder.retries.labels(type(cause).__name__).inc()
+
+
+_QUOTED = re.compile(r"'(?:[^'\\\n]|\\.)*'|\"(?:[^\"\\\n]|\\.)*\"")
+_URL = re.compile(r"\b([a-z][a-z0-9+.-]*://[^\s'\"?)]+)(\?[^\s'\")]*)?", re.IGNORECASE)
+MAX_MESSAGE_CHARS = 300
+
+
+def loggable_message(exc: BaseException, fields: Mapping[str, Any]) -> str:
+    """`<ErrorClass>: <message>` on one line, fit for a log: a quoted piece of the job's text or
+    emo_text becomes '<text>', the worker's S3 keys and Hugging Face token become '***', a URL loses
+    its password and query string (a presigned URL's signature), and it stops at 300 characters."""
+    message = " ".join(str(exc).split())
+    texts = [
+        " ".join(value.split()) for name in ("text", "emo_text") if isinstance(value := fields.get(name), str)
+    ]
+
+    def hide_text(quoted: re.Match[str]) -> str:
+        try:
+            value = ast.literal_eval(quoted.group())
+        except (ValueError, SyntaxError):
+            return quoted.group()
+        piece = " ".join(str(value).split())
+        return "'<text>'" if len(piece) >= 3 and any(piece in text for text in texts) else quoted.group()
+
+    message = _QUOTED.sub(hide_text, message)
+    for secret in _secrets():
+        message = message.replace(secret, "***")
+    message = _URL.sub(lambda url: maybe_sanitize_url(url.group(1)), message)
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 1] + "…"
+    return f"{type(exc).__name__}: {message}"
+
+
+def _secrets() -> list[str]:
+    try:
+        settings = runtime.settings()
+    except Exception:  # a log line must never fail; a worker with bad settings does not run jobs
+        return []
+    values = (settings.s3_secret_access_key, settings.s3_access_key_id, settings.hf_token)
+    return [value for value in values if value and len(value) >= 4]
