@@ -13,13 +13,26 @@ import shlex
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pytest
-import yaml
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as pip vendors it
+    from pip._vendor import tomli as tomllib
 
-from tts_worker.devstack import wait_until
+import pytest
+import redis
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+from tests.conftest import BUCKET
+from tts_worker.devstack import free_port, wait_until
+from tts_worker.settings import Settings
+from tts_worker.storage import make_storage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,11 +84,49 @@ def test_every_service_has_a_healthcheck_and_a_restart_policy(config: dict[str, 
         assert "test" in service.get("healthcheck", {}), name
 
 
-def test_redis_has_a_password_persistence_and_no_eviction(config: dict[str, Any]) -> None:
+def test_redis_has_a_password_persistence_a_memory_limit_and_no_eviction(
+    config: dict[str, Any], tmp_path: Path
+) -> None:
     command = " ".join(config["services"]["redis"]["command"])
     assert "--requirepass change-me-redis" in command
     assert "--appendonly yes" in command
+    assert "--maxmemory 1gb" in command  # without a limit, noeviction never refuses anything
     assert "--maxmemory-policy noeviction" in command
+    # The limit comes from .env, and has a default when .env does not set it.
+    example = (ROOT / ".env.example").read_text()
+    for value, expected in (("REDIS_MAXMEMORY=6gb\n", "--maxmemory 6gb"), ("", "--maxmemory 1gb")):
+        env = tmp_path / f".env-{len(value)}"
+        env.write_text("".join(line + "\n" for line in example.splitlines()
+                               if not line.startswith("REDIS_MAXMEMORY=")) + value)  # fmt: skip
+        assert expected in " ".join(compose_config(env)["services"]["redis"]["command"])
+
+
+def test_redis_accepts_the_compose_command(config: dict[str, Any], tmp_path: Path) -> None:
+    """The arguments as compose passes them (a limit Redis cannot parse would stop it at start)."""
+    command = config["services"]["redis"]["command"]
+    assert command[0] == "redis-server"
+    port = free_port()
+    server = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", *command[1:], "--port", str(port),
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    client = redis.Redis(port=port, password="change-me-redis", socket_timeout=5)
+
+    def answers() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    try:
+        wait_until(answers, timeout=30, what="redis-server", process=server)
+        assert client.config_get("maxmemory") == {"maxmemory": str(1 << 30)}
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+    finally:
+        client.close()
+        server.terminate()
+        server.wait(30)
 
 
 def test_worker_reserves_its_gpu_and_reaches_redis_and_minio(config: dict[str, Any]) -> None:
@@ -85,6 +136,8 @@ def test_worker_reserves_its_gpu_and_reaches_redis_and_minio(config: dict[str, A
     env = worker["environment"]
     assert env["CELERY_BROKER_URL"] == "redis://:change-me-redis@redis:6379/0"
     assert env["S3_ENDPOINT_URL"] == "http://minio:9000" and env["TTS_ENGINE"] == "indextts2"
+    assert env["S3_PUBLIC_ENDPOINT_URL"] == "http://localhost:9000"  # where MinIO's port is published
+    assert "127.0.0.1:9000:9000" in str(config["services"]["minio"]["ports"])
     assert worker["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
     second = config["services"]["worker-gpu1"]
     assert second["profiles"] == ["gpu1"]
@@ -93,6 +146,22 @@ def test_worker_reserves_its_gpu_and_reaches_redis_and_minio(config: dict[str, A
     for service in (worker, second):
         assert "CUDA_VISIBLE_DEVICES" not in service["environment"]
     assert second["environment"]["CELERY_BROKER_URL"] == env["CELERY_BROKER_URL"]
+
+
+def test_presigned_urls_name_the_public_endpoint_and_download(
+    s3_server: Any, base_env: dict[str, str]
+) -> None:
+    """As in compose, where the worker reaches MinIO as http://minio:9000 and clients as
+    http://localhost:9000: here the worker uses 127.0.0.1 and the URL names localhost."""
+    public = s3_server.url.replace("127.0.0.1", "localhost")
+    storage = make_storage(Settings.from_env({**base_env, "S3_PUBLIC_ENDPOINT_URL": public}))
+    storage.put("public-endpoint.ogg", b"OggS public", content_type="audio/ogg", metadata={"job-id": "p"})
+    url = storage.url("public-endpoint.ogg", expires_s=60)
+    assert url.startswith(f"{public}/{BUCKET}/public-endpoint.ogg?") and "X-Amz-Signature=" in url
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.read() == b"OggS public"
+    unset = make_storage(Settings.from_env(base_env)).url("public-endpoint.ogg", expires_s=60)
+    assert unset.startswith(f"{s3_server.url}/{BUCKET}/")  # S3_ENDPOINT_URL's host by default
 
 
 def test_bucket_and_lifecycle_rule_are_created_at_start(config: dict[str, Any]) -> None:
@@ -133,6 +202,86 @@ def test_dockerfile_runs_the_bootstrap_entry_point_as_a_non_root_user() -> None:
     assert len(sources) >= 5
     for source in sources:
         assert (ROOT / source).exists(), f"Dockerfile.gpu copies {source}, which is not in the repository"
+
+
+def stage_env(stage: list[str]) -> dict[str, str]:
+    """The variables a stage's own ENV instructions set (`ENV A=1 B=2` form)."""
+    pairs = [shlex.split(line.split(None, 1)[1]) for line in stage if line.split(None, 1)[0] == "ENV"]
+    return dict(pair.split("=", 1) for words in pairs for pair in words)
+
+
+def test_the_runpod_image_logs_at_info_and_runs_as_root() -> None:
+    """The runpod SDK's default DEBUG logs every output (presigned URLs, base64 audio); RunPod mounts
+    /runpod-volume owned by root, and the stage writes its models, voices and outputs there."""
+    runpod = dockerfile_stage("runpod")
+    env = stage_env(runpod)
+    assert env["RUNPOD_LOG_LEVEL"] == "INFO"
+    assert all(env[name].startswith("/runpod-volume/") for name in
+               ("CHECKPOINTS_DIR", "HF_HOME", "AUDIO_VOICES_DIR", "OUTPUT_AUDIO_DIR"))  # fmt: skip
+    assert instruction(runpod, "USER") == "root"
+    worker = dockerfile_stage("worker")  # the Celery worker stays the base stage's non-root user
+    assert not [line for line in worker if line.startswith("USER")]
+    assert instruction(dockerfile_stage("base"), "USER") == "tts"
+
+
+# The Requires-Dist lines (extras left out) of the pinned wheels' METADATA that name a package pinned
+# in docker/constraints-gpu.txt, copied by hand (no network here; see that file's header for how).
+# Keyed by the pin they were read from, so that changing a pin fails the test until they are read
+# again from the new version.
+PINNED_REQUIREMENTS = {
+    "indextts2-inference==2.1.1": [
+        "accelerate>=1.0", "huggingface-hub>=0.20", "librosa>=0.10", "nemo-text-processing>=1.1",
+        "omegaconf>=2.3", "safetensors>=0.4", "sentencepiece>=0.2", "torch>=2.0", "torchaudio>=2.0",
+        "transformers>=5.0",
+    ],
+    "nemo-text-processing==1.2.0": ["pynini==2.1.6.post1", "transformers"],
+    "transformers==5.23.0": ["huggingface-hub<3.0,>=1.31.0", "numpy>=1.17", "safetensors>=0.8.0"],
+    "accelerate==1.15.0": ["numpy>=1.17", "torch>=2.0.0", "huggingface_hub>=0.21.0", "safetensors>=0.4.3"],
+    "torchaudio==2.9.1": ["torch==2.9.1"],
+    "librosa==0.11.0": ["numpy>=1.22.3", "soundfile>=0.12.1"],
+    "celery==5.7.0": ["kombu>=5.7.0", "redis<9.0.0,>=6.4.0"],  # the second from its `redis` extra
+    "kombu==5.7.0": ["redis<9.0.0,>=6.4.0"],  # its `redis` extra
+    "flower==2.2.0": ["celery>=5.0.5"],
+}  # fmt: skip
+
+
+def constraint_pins() -> dict[str, Version]:
+    pins = {}
+    for line in (ROOT / "docker" / "constraints-gpu.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, equals, version = line.strip().partition("==")
+            assert equals and name and version, f"not a NAME==VERSION pin: {line!r}"
+            pins[canonicalize_name(name)] = Version(version)
+    return pins
+
+
+def test_the_gpu_pins_agree_with_what_the_pinned_packages_require() -> None:
+    pins = constraint_pins()
+    assert {"indextts2-inference", "nemo-text-processing", "pynini", "librosa"} <= set(pins)
+    for pin, lines in PINNED_REQUIREMENTS.items():
+        name, _, version = pin.partition("==")
+        assert pins[canonicalize_name(name)] == Version(version), f"{pin}: read its requirements again"
+        for line in lines:
+            required = Requirement(line)
+            pinned = pins[canonicalize_name(required.name)]
+            assert required.specifier.contains(pinned, prereleases=True), (
+                f"{pin} requires {line}, docker/constraints-gpu.txt pins {required.name}=={pinned}"
+            )
+
+
+def test_the_gpu_pins_agree_with_the_projects_own_requirements() -> None:
+    pins = constraint_pins()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    lines = [*project["dependencies"], *extras["gpu"], *extras["monitoring"], *extras["runpod"]]
+    checked = 0
+    for line in lines:
+        required = Requirement(line)
+        if canonicalize_name(required.name) in pins:
+            pinned = pins[canonicalize_name(required.name)]
+            assert required.specifier.contains(pinned), f"pyproject.toml wants {line}; pinned {pinned}"
+            checked += 1
+    assert checked >= 8
 
 
 def test_the_image_entry_point_starts_a_worker_that_the_healthcheck_reaches(

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import quote
 
 import boto3
@@ -25,6 +25,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from producer.errors import StorageError
 from tts_worker.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.client import S3Client
 
 __all__ = ["LocalStorage", "S3Storage", "Storage", "make_storage"]
 
@@ -69,21 +72,11 @@ class S3Storage:
             )
         self.bucket = settings.s3_bucket_name
         self.endpoint = settings.s3_endpoint_url or "AWS S3"
-        self._client = boto3.client(
-            "s3",
-            endpoint_url=settings.s3_endpoint_url,
-            aws_access_key_id=settings.s3_access_key_id,
-            aws_secret_access_key=settings.s3_secret_access_key,
-            region_name=settings.s3_region,
-            config=Config(
-                signature_version="s3v4",
-                retries={"mode": "standard", "max_attempts": 3},
-                connect_timeout=10,
-                read_timeout=60,
-                # Custom endpoints (MinIO, moto) rarely have per-bucket DNS names.
-                s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto"},
-            ),
-        )
+        self._client = _client(settings, settings.s3_endpoint_url)
+        # SigV4 signs the host, so a URL for clients outside the worker's network (compose's
+        # http://minio:9000 means nothing to them) must be signed for the host they reach.
+        public = settings.s3_public_endpoint_url or settings.s3_endpoint_url
+        self._presigner = self._client if public == settings.s3_endpoint_url else _client(settings, public)
 
     def describe(self) -> str:
         return f"bucket {self.bucket!r} at {self.endpoint}"
@@ -114,7 +107,7 @@ class S3Storage:
     def url(self, key: str, *, expires_s: int) -> str:
         """A presigned GET URL for `key`, valid for `expires_s` seconds."""
         with self._errors(f"presign {key}"):
-            url: str = self._client.generate_presigned_url(
+            url: str = self._presigner.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
             )
         return url
@@ -131,6 +124,24 @@ class S3Storage:
             raise StorageError(f"S3 could not {action} ({where}): {code}{hint}") from exc
         except BotoCoreError as exc:
             raise StorageError(f"S3 could not {action} ({where}): {exc}") from exc
+
+
+def _client(settings: Settings, endpoint_url: str | None) -> S3Client:
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        aws_access_key_id=settings.s3_access_key_id,
+        aws_secret_access_key=settings.s3_secret_access_key,
+        region_name=settings.s3_region,
+        config=Config(
+            signature_version="s3v4",
+            retries={"mode": "standard", "max_attempts": 3},
+            connect_timeout=10,
+            read_timeout=60,
+            # Custom endpoints (MinIO, moto) rarely have per-bucket DNS names.
+            s3={"addressing_style": "path" if endpoint_url else "auto"},
+        ),
+    )
 
 
 def _status(exc: ClientError) -> int:
