@@ -368,10 +368,15 @@ def test_worker_with_piper_never_imports_torch(
     assert (evidence / "torch-imported").exists()
 
 
+OPERATOR_ENV = dict(os.environ)
+"""The environment the suite was started with, read at collection, before the autouse fixture
+removes the worker's variables (AUDIO_VOICES_DIR, TTS_DEVICE, ...) that the gpu test needs."""
+
+
 def _real_model_available() -> tuple[bool, str]:
     """Skip only for what a machine lacks (the gpu extra, CUDA, the checkpoints); a broken install
     fails the test instead."""
-    checkpoints = Path(os.environ.get("CHECKPOINTS_DIR", "checkpoints"))
+    checkpoints = Path(OPERATOR_ENV.get("CHECKPOINTS_DIR", "checkpoints"))
     missing = [name for name in ("indextts", "torch") if importlib.util.find_spec(name) is None]
     if missing:
         return False, f"needs the gpu extra (no {', '.join(missing)})"
@@ -396,13 +401,14 @@ print(json.dumps(result))
 
 
 @pytest.mark.gpu
+@pytest.mark.timeout(1500)  # loading the real model takes minutes
 def test_real_model_speaks_through_the_whole_pipeline(tmp_path: Path) -> None:
     """The real model offline, as the worker runs it (HF_HUB_OFFLINE=1, which huggingface_hub reads
     at import: hence a process of its own), through run_job: warm-up, synthesis, encoding, storage."""
     available, reason = _real_model_available()
     if not available:
         pytest.skip(reason)
-    env = {**os.environ, "TTS_ENGINE": "indextts2", "HF_HUB_OFFLINE": "1", "OUTPUT_STORAGE": "local",
+    env = {**OPERATOR_ENV, "TTS_ENGINE": "indextts2", "HF_HUB_OFFLINE": "1", "OUTPUT_STORAGE": "local",
            "OUTPUT_AUDIO_DIR": str(tmp_path / "audio")}  # fmt: skip
     assert Settings.from_env(env).default_voice, "set DEFAULT_VOICE to a reference voice in AUDIO_VOICES_DIR"
     done = subprocess.run(
