@@ -10,7 +10,8 @@ here because importing ``producer`` imports this module).
     │   │   └── UnknownVoice      a voice name that is not a usable file in AUDIO_VOICES_DIR
     │   ├── UnreadableText        the engine produced no audio for the text
     │   ├── EncodingError         ffmpeg refused the audio (its stderr is in the message)
-    │   └── JobTimeLimitExceeded  the job ran past its soft time limit
+    │   ├── JobTimeLimitExceeded  the job ran past its soft time limit
+    │   └── PoisonedJob           the job poisoned the engine's device in several worker processes
     └── TransientError            retried with backoff, a bounded number of times
         ├── StorageError          S3 could not be reached or refused the request
         ├── GPUOutOfMemory        CUDA ran out of memory, even after retrying with smaller segments
@@ -29,6 +30,7 @@ __all__ = [
     "InvalidRequest",
     "JobTimeLimitExceeded",
     "PermanentError",
+    "PoisonedJob",
     "StorageError",
     "TTSError",
     "TransientError",
@@ -71,6 +73,11 @@ class EncodingError(PermanentError):
 
 class JobTimeLimitExceeded(PermanentError):
     """The job ran past its soft time limit."""
+
+
+class PoisonedJob(PermanentError):
+    """The job left the engine's device unusable (`EngineUnusable`) in several worker processes in a
+    row: it is failed rather than requeued again, where it would end one process after another."""
 
 
 class StorageError(TransientError):

@@ -21,9 +21,10 @@ import soundfile
 
 from producer.app import TTSTask, create_app
 from producer.config import ProducerConfig
-from producer.errors import EngineUnusable, GPUOutOfMemory, InvalidRequest, UnreadableText
+from producer.errors import EngineUnusable, GPUOutOfMemory, InvalidRequest, PoisonedJob, UnreadableText
 from producer.schema import parse_request
 from tests.conftest import FAKE_INDEXTTS
+from tts_worker.engines import check_engine
 from tts_worker.engines.base import GenerationOptions, VoiceInputs
 from tts_worker.pipeline import generation_options, voice_inputs
 from tts_worker.settings import Settings
@@ -305,6 +306,9 @@ def test_accelerators_that_are_not_installed_stop_the_engine_before_loading(
     with pytest.raises(RuntimeError, match=message):
         make_engine(replace(settings, **changes))
     assert not (tmp_path / "calls.jsonl").exists()  # refused before the model was built
+    with pytest.raises(RuntimeError, match=message):  # and by the worker's start check and health check
+        check_engine(replace(settings, **changes))
+    check_engine(settings)
 
 
 def test_installed_accelerators_and_deepspeed_are_left_to_indextts2(
@@ -479,7 +483,7 @@ def test_a_job_that_poisons_every_process_fails_after_two_instead_of_forever(ind
 
     worker, calls, _ = indextts2_worker
     sent = worker.tts.delay(text="This <always-assert> breaks CUDA every time.")
-    with pytest.raises(UnreadableText, match=f"job {sent.id} failed for good: it ended 2 worker processes"):
+    with pytest.raises(PoisonedJob, match=f"job {sent.id} failed for good: it ended 2 worker processes"):
         sent.get(timeout=120)
     assert MAX_PROCESS_ENDINGS == 2
     endings = [line for line in worker.process.log().splitlines()

@@ -79,7 +79,7 @@ def test_public_api_is_pinned() -> None:
         [
             "BACKFILL_QUEUE", "INTERACTIVE_QUEUE", "TASK_NAME", "EncodingError", "EngineUnusable",
             "GPUOutOfMemory", "InvalidRequest",
-            "JobTimeLimitExceeded", "PermanentError", "StorageError", "TTSError", "TTSRequest",
+            "JobTimeLimitExceeded", "PermanentError", "PoisonedJob", "StorageError", "TTSError", "TTSRequest",
             "TransientError", "UnknownVoice", "UnreadableText", "app", "parse_request", "synthesize", "tts",
         ]
     )  # fmt: skip

@@ -23,8 +23,8 @@ from producer.errors import (
     EngineUnusable,
     InvalidRequest,
     JobTimeLimitExceeded,
+    PoisonedJob,
     TransientError,
-    UnreadableText,
 )
 from producer.schema import parse_request
 from tts_worker import runtime
@@ -107,7 +107,7 @@ def _refuse_if_it_ended_processes(task: Task[Any, Any], job_id: str) -> None:
     if count >= MAX_PROCESS_ENDINGS:
         last = record.get(b"error", b"")
         last = last.decode(errors="replace") if isinstance(last, bytes) else last
-        raise UnreadableText(
+        raise PoisonedJob(
             f"job {job_id} failed for good: it ended {count} worker processes with a CUDA error "
             f"that poisons the device (last: {last}); it is not run again"
         )

@@ -25,11 +25,17 @@ def check_engine(settings: Settings) -> None:
     missing = [name for name in modules if importlib.util.find_spec(name) is None]
     if missing:
         raise RuntimeError(f"TTS_ENGINE={settings.tts_engine} needs {', '.join(missing)}: {install}")
-    if settings.tts_engine == "indextts2" and not settings.default_voice:
+    if settings.tts_engine != "indextts2":
+        return
+    if not settings.default_voice:
         raise RuntimeError(
             "TTS_ENGINE=indextts2 needs DEFAULT_VOICE, a reference voice in AUDIO_VOICES_DIR: the worker "
             "warms up with it, and uses it for requests that name no speaker_voice"
         )
+    from tts_worker.engines.indextts2 import missing_packages  # imports neither torch nor indextts
+
+    if problems := missing_packages(settings):
+        raise RuntimeError("; ".join(problems))
 
 
 def load_engine(settings: Settings) -> Engine:
