@@ -154,6 +154,11 @@ def test_a_long_job_is_seen_running_and_done_and_the_worker_stays_online(
     assert (task["name"], task["worker"], task["args"]) == ("tts.synthesize", name, "()")
     assert task["runtime"] >= sum(outcome["metadata"]["timings"].values())  # the whole job, as run
     assert "This sentence is here" in task["kwargs"]
+    # The result without its presigned URL (a credential for the audio), which the caller still gets.
+    assert (
+        "'url': '<not shown>'" in task["result"] and f"'filename': '{outcome['filename']}'" in task["result"]
+    )
+    assert "X-Amz-Signature" not in str(task) and "X-Amz-Signature" in outcome["url"]
 
 
 def test_a_failed_job_shows_its_error_in_flower_and_in_the_metrics(

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any, NoReturn
 
 import redis
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.worker.request import Request
 from redis.exceptions import RedisError
 
 from producer.app import TASK_NAME
@@ -30,14 +32,33 @@ from producer.schema import parse_request
 from tts_worker import runtime
 from tts_worker.pipeline import log_done, run_job, text_chunks
 
-__all__ = ["MAX_PROCESS_ENDINGS", "synthesize"]
+__all__ = ["MAX_PROCESS_ENDINGS", "UrlHidingRequest", "synthesize"]
 
 log = logging.getLogger(__name__)
+
+_URL_IN_REPR = re.compile(r"('url': )'[^']*'")
+
+
+class UrlHidingRequest(Request):
+    """The worker's view of one delivery, which keeps the presigned URL out of the `task-succeeded`
+    event: Celery puts the result's repr there, and Flower shows it to whoever can log in, while a
+    presigned URL is a credential for the audio (the worker's log leaves it out too). The caller
+    gets the whole result from the result backend."""
+
+    def send_event(self, type: str, **fields: Any) -> None:
+        if type == "task-succeeded" and isinstance(fields.get("result"), str):
+            fields["result"] = _URL_IN_REPR.sub(r"\1'<not shown>'", fields["result"])
+        super().send_event(type, **fields)
+
+
+class _SynthesisTask(Task[Any, dict[str, Any]]):
+    Request = f"{__name__}:UrlHidingRequest"  # Celery takes the class or its name; the stubs know the name
 
 
 @shared_task(
     name=TASK_NAME,
     bind=True,
+    base=_SynthesisTask,
     autoretry_for=(TransientError,),
     retry_backoff_max=300,
     retry_jitter=True,
