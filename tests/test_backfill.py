@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 import redis
+from kombu.transport.redis import PublishBatch
 
-from producer.app import BACKFILL_QUEUE, create_app
+from producer.app import BACKFILL_QUEUE, create_app, shown_fields
 from producer.backfill import naming
 from producer.backfill.broker import Publisher, find_queued
 from producer.backfill.guard import Claim
@@ -253,6 +254,45 @@ def test_find_queued_sees_waiting_and_delivered_messages(
     wanted = ["backfill:q:0", "backfill:q:2", "backfill:q:9"]
     assert find_queued(redis_client, ["tts.held"], wanted) == {"backfill:q:0", "backfill:q:2"}
     app.close()
+
+
+def test_published_messages_show_shortened_fields(
+    redis_client: redis.Redis, redis_server: RedisServer
+) -> None:
+    app = create_app(
+        ProducerConfig(broker_url=f"{redis_server.url}/0", result_backend=f"{redis_server.url}/1")
+    )
+    kwargs = {"text": "A long document. " * 60, "session_id": "k.1"}
+    Publisher(app, queue="tts.shown", priority=9).publish([("backfill:k:1", kwargs)])
+    app.close()
+    [raw] = redis_client.lrange("tts.shown\x06\x169", 0, -1)
+    headers = json.loads(raw)["headers"]
+    assert headers["kwargsrepr"] == shown_fields(kwargs) and len(headers["kwargsrepr"]) < 150
+    assert "A long document." in headers["kwargsrepr"]
+
+
+def test_messages_go_out_in_batches(
+    redis_client: redis.Redis, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every message of a `publish` call and its task-sent event in one Redis round trip."""
+    flushed: list[int] = []
+    flush = PublishBatch.flush
+
+    def counted(self: PublishBatch) -> None:
+        flushed.append(self._buffered)
+        flush(self)
+
+    monkeypatch.setattr(PublishBatch, "flush", counted)
+    app = create_app(
+        ProducerConfig(broker_url=f"{redis_server.url}/0", result_backend=f"{redis_server.url}/1")
+    )
+    publisher = Publisher(app, queue="tts.batched", priority=9)
+    publisher.publish([(f"backfill:b:{i}", {"text": "Hi.", "session_id": f"b.{i}"}) for i in range(300)])
+    publisher.publish([(f"backfill:b:{i}", {"text": "Hi.", "session_id": f"b.{i}"}) for i in range(300, 302)])
+    app.close()
+    assert publisher.batched is True
+    assert flushed == [600, 4]  # an LPUSH and an event's PUBLISH per message, one pipeline per call
+    assert redis_client.llen("tts.batched\x06\x169") == 302
 
 
 @pytest.mark.slow

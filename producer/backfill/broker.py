@@ -3,14 +3,15 @@
 Publishing: one producer connection, kombu's `Producer.batch()` (kombu >= 5.7), so that the Redis
 commands of a whole batch (each message's LPUSH and its `task-sent` event) travel in one round trip.
 Messages are made by Celery's own `create_task_message` and `send_task_message`, so they are the
-normal protocol-2 messages that `tts.apply_async` sends, with `queue` and `priority`. Skipped on
+normal protocol-2 messages that `tts.apply_async` sends, with `queue`, `priority` and the shortened
+`kwargsrepr` that Flower and the worker's log show (`producer.app.shown_fields`). Skipped on
 purpose: `send_task`'s per-task subscription to the result channel (two round trips per message,
 for an `AsyncResult.get()` we never call) and per-message queue declaration (declared once here).
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -19,9 +20,11 @@ import redis
 from celery import Celery
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
-from producer.app import TASK_NAME
+from producer.app import TASK_NAME, shown_fields
 
 __all__ = ["Publisher", "find_queued"]
+
+log = logging.getLogger(__name__)
 
 
 class Publisher:
@@ -34,6 +37,8 @@ class Publisher:
         self._queue = app.amqp.queues[queue]
         self._sent_event = bool(app.conf.task_send_sent_event)
         self._declared = False
+        self.batched: bool | None = None
+        """Whether the last `publish` could defer its messages into one pipeline (None before one)."""
 
     def publish(self, jobs: Sequence[tuple[str, dict[str, Any]]]) -> None:
         """Send every (task id, kwargs) in one batch; raises (sending none of the unflushed) on error."""
@@ -44,14 +49,18 @@ class Publisher:
             if not self._declared:
                 producer.maybe_declare(self._queue)
                 self._declared = True
-            # Two transport operations per message: the LPUSH and the task-sent event. Before kombu
-            # 5.7 there is no batch(): messages then go one by one, on the same connection.
-            batch = getattr(producer, "batch", None)
-            with batch(max_size=2 * len(jobs) + 2) if batch else contextlib.nullcontext():
+            # Options that let redis-py retry a command (retry_on_timeout, ...) make kombu publish
+            # one message at a time, as a replayed pipeline could push messages twice.
+            if self.batched is None and not producer.supports_batch_publish:
+                log.warning("the broker's retry options rule out batched publishing: one by one")
+            self.batched = bool(producer.supports_batch_publish)
+            # Two transport operations per message: the LPUSH and the task-sent event.
+            with producer.batch(max_size=2 * len(jobs) + 2):
                 for task_id, kwargs in jobs:
                     message = amqp.create_task_message(
-                        task_id, TASK_NAME, (), kwargs, create_sent_event=self._sent_event
-                    )
+                        task_id, TASK_NAME, (), kwargs, create_sent_event=self._sent_event,
+                        kwargsrepr=shown_fields(kwargs),
+                    )  # fmt: skip
                     amqp.send_task_message(
                         producer, TASK_NAME, message, queue=self._queue, priority=self.priority,
                         retry=False, declare=[],
