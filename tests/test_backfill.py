@@ -29,7 +29,7 @@ from producer.backfill.broker import Publisher, find_queued
 from producer.backfill.guard import Claim
 from producer.backfill.manifest import ManifestBusy, ManifestIndex, ManifestWriter
 from producer.backfill.results import Outcome, TaskState
-from producer.backfill.rows import Row, RowReader
+from producer.backfill.rows import InvalidRow, Row, RowReader, input_format
 from producer.backfill.runner import decide
 from producer.config import ProducerConfig
 from tests.conftest import WorkerHandle
@@ -106,6 +106,10 @@ def wait_for_lines(path: Path, count: int, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
+def read_rows(path: Path, namespace: str) -> list[Row | InvalidRow]:
+    return list(RowReader(path, fmt=input_format(path), namespace=namespace, max_text_chars=10000).validate())
+
+
 def assert_each_once(log: str, namespace: str, ids: list[str]) -> None:
     starts, synthesised = counts(log, namespace)
     expected = {naming.task_id(namespace, naming.object_name(i)): 1 for i in ids}
@@ -169,6 +173,48 @@ def test_csv_cells_take_their_column_types_and_ids_follow_content(tmp_path: Path
         (4, "enable_chunking: must be true or false (got 'maybe')"),
         (5, "max_chars_per_chunk: must be an integer (got '12x')"),
     ]
+
+
+def test_long_default_namespaces_keep_a_digest_of_the_whole_name() -> None:
+    common = "chapters-of-the-collected-works-volume"  # 38 characters
+    first, second = (naming.namespace_for(Path(f"{common}-{n} (draft).jsonl")) for n in (1, 2))
+    assert first != second and len(first) == len(second) == 40
+    assert first.startswith("chapters-of-the-collected-works") and re.fullmatch(r".{31}-[0-9a-f]{8}", first)
+    assert naming.valid_namespace(first) and naming.valid_namespace(second)
+    assert naming.namespace_for(Path("x" * 40 + ".jsonl")) == "x" * 40  # not cut: kept as it is
+
+
+@pytest.mark.parametrize("explicit_first", [False, True])
+def test_a_session_id_cannot_name_another_rows_default_object(tmp_path: Path, explicit_first: bool) -> None:
+    """Row `x` writes `dup.x.<ext>` by default; a row whose own session_id is `dup.x` would overwrite
+    it, in whichever order the two come."""
+    default = {"id": "x", "text": "The row x."}
+    explicit = {"id": "y", "text": "Another row.", "session_id": "dup.x"}
+    pair = [explicit, default] if explicit_first else [default, explicit]
+    (tmp_path / "dup.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pair))
+    first, second = read_rows(tmp_path / "dup.jsonl", "dup")
+    assert isinstance(first, Row) and first.message["session_id"] == "dup.x"
+    assert isinstance(second, InvalidRow) and second.line == 2
+    if explicit_first:
+        assert second.error == "its object 'dup.x' (from its id) is already named by line 1"
+    else:
+        assert second.error == "session_id 'dup.x' already names the object of line 1"
+
+
+def test_csv_rows_are_reported_on_their_physical_lines(tmp_path: Path) -> None:
+    """The header is line 1, blank lines count, and a quoted cell over two lines takes both."""
+    (tmp_path / "lines.csv").write_text(
+        "id,text\n"
+        "a,\n"  # 2: invalid (no text)
+        "\n"  # 3: blank
+        "b,Fine.\n"  # 4
+        'c,"Two\nlines."\n'  # 5-6
+        "\n"  # 7: blank
+        "d,  \n"  # 8: invalid (blank text)
+        "e,Hi,extra\n"  # 9: invalid (a cell too many)
+    )
+    found = [(r.line, type(r).__name__) for r in read_rows(tmp_path / "lines.csv", "lines")]
+    assert found == [(2, "InvalidRow"), (4, "Row"), (5, "Row"), (8, "InvalidRow"), (9, "InvalidRow")]
 
 
 def test_invalid_rows_are_reported_by_line_and_strict_sends_nothing(tmp_path: Path) -> None:

@@ -19,8 +19,10 @@ __all__ = [
     "GUARD_PREFIX",
     "content_id",
     "namespace_for",
+    "namespace_of",
     "next_task_id",
     "object_name",
+    "request_digest",
     "session_id",
     "task_id",
     "valid_namespace",
@@ -45,8 +47,18 @@ def object_name(row_id: str) -> str:
 
 def content_id(message: Mapping[str, Any]) -> str:
     """A stable id for a row without one: a digest of its validated fields (CSV and JSONL agree)."""
+    return "auto-" + _sha256(message)[:24]
+
+
+def request_digest(message: Mapping[str, Any]) -> str:
+    """A digest of a task's kwargs (session_id included), as sent and as a result stores them: two
+    rows that would share a task id but ask for different audio have different digests."""
+    return _sha256(message)[:16]
+
+
+def _sha256(message: Mapping[str, Any]) -> str:
     canonical = json.dumps(message, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return "auto-" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:24]
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def valid_namespace(namespace: str) -> bool:
@@ -55,10 +67,25 @@ def valid_namespace(namespace: str) -> bool:
 
 
 def namespace_for(path: Path) -> str:
-    """The default namespace: the input file's name without its extension, made plain (other dots
-    become dashes, so `book.part1.jsonl` and `book.part2.jsonl` keep apart)."""
-    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "-", path.stem).strip("-_")[:40]
+    """The default namespace: the input file's name without its extension, made plain. Runs of other
+    characters than `[A-Za-z0-9_-]` become one `-` (so `book.part1.jsonl` and `book.part2.jsonl`
+    keep apart), leading and trailing `-`/`_` go; a name longer than 40 is cut to 31 and gets `-` and
+    8 hex digits of the whole stem's sha256; nothing left gives `backfill`.
+
+    Different names can still map to one namespace (`book part1`, `book.part1`); the digest kept in
+    each row's claim turns that into a reported conflict instead of shared audio."""
+    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "-", path.stem).strip("-_")
+    if len(cleaned) > 40:
+        digest = hashlib.sha256(path.stem.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        cleaned = f"{cleaned[:31].rstrip('-_')}-{digest}"
     return cleaned or "backfill"
+
+
+def namespace_of(task: str) -> str | None:
+    """The namespace in a task id made by `task_id` (None for another kind of id)."""
+    kind, _, rest = task.partition(":")
+    namespace = rest.partition(":")[0]
+    return namespace if kind == "backfill" and valid_namespace(namespace) else None
 
 
 def session_id(namespace: str, name: str) -> str:

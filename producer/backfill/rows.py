@@ -1,8 +1,9 @@
 """Reading INPUT: JSONL or CSV rows of request fields plus an optional `id`, streamed and validated.
 
-Rows are read twice: once to validate everything before anything is sent (and to find duplicate ids),
-once to send. Neither pass holds more than one row's fields at a time; the first keeps the set of
-names seen, which is what finding duplicates needs.
+Rows are read twice: once to validate everything before anything is sent (and to find duplicate ids
+and objects), once to send. Neither pass holds more than one row's fields at a time; the first keeps
+the ids and object names seen, which is what finding duplicates needs. Each pass also takes a digest
+of the bytes it read, so that a file changed between the two passes is noticed.
 
 CSV cells are text, while the request schema is strict (booleans must be booleans), so a cell is
 converted by the type its column has in the schema: `true`/`false`, integers, floats, and
@@ -12,13 +13,15 @@ converted by the type its column has in the schema: `true`/`false`, integers, fl
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 import json
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from producer.backfill import naming
 from producer.errors import InvalidRequest
@@ -37,6 +40,11 @@ class Row:
     message: dict[str, Any]
     own_session: bool = False
 
+    @functools.cached_property
+    def digest(self) -> str:
+        """A digest of the task kwargs, kept in the row's claim and compared with existing results."""
+        return naming.request_digest(self.message)
+
 
 @dataclass(frozen=True)
 class InvalidRow:
@@ -45,6 +53,10 @@ class InvalidRow:
     line: int
     row_id: str | None
     error: str
+
+
+class _Digest(Protocol):
+    def update(self, data: bytes, /) -> None: ...
 
 
 def input_format(path: Path, given: str | None = None) -> str:
@@ -67,13 +79,17 @@ class RowReader:
         self.fmt = fmt
         self.namespace = namespace
         self.max_text_chars = max_text_chars
+        self.digest: str | None = None
+        """The sha256 of INPUT as the last pass that reached its end read it."""
 
     def rows(self, *, skip: frozenset[int] = frozenset()) -> Iterator[Row | InvalidRow]:
         """Every row in order; lines in `skip` are passed over without being parsed."""
-        records = _jsonl_records(self.path) if self.fmt == "jsonl" else _csv_records(self.path)
+        seen = hashlib.sha256()
+        records = _jsonl_records(self.path, seen) if self.fmt == "jsonl" else _csv_records(self.path, seen)
         for line, record in records:
             if line not in skip:
                 yield self._row(line, record)
+        self.digest = seen.hexdigest()
 
     def validate(self) -> Iterator[Row | InvalidRow]:
         """Every row, with a second use of an id (or of an object name) reported as invalid."""
@@ -103,22 +119,30 @@ class RowReader:
 
 
 def _first_use(row: Row, first_line: dict[str, int]) -> Row | InvalidRow:
-    """The row, or an invalid one when its id, or the object its session_id names, was used before.
+    """The row, or an invalid one when its id, or the object its session names, was used before.
 
-    Keys are kept per id and per explicit session_id: either repeated would make two rows one object."""
-    keys = [f"id:{row.name}"] + ([f"session:{row.message['session_id']}"] if row.own_session else [])
-    for key in keys:
+    Keys are kept per id and per effective session (given, or `<namespace>.<name>` by default): a row
+    whose own session_id is another row's default one would otherwise overwrite that row's object."""
+    session = row.message["session_id"]
+    for key in (f"id:{row.name}", f"session:{session}"):
         seen = first_line.setdefault(key, row.line)
-        if seen != row.line:
-            what = f"id {row.row_id!r}" if key.startswith("id:") else f"session_id {key[8:]!r}"
-            return InvalidRow(row.line, row.row_id, f"{what} already used on line {seen}")
+        if seen == row.line:
+            continue
+        if key.startswith("id:"):
+            error = f"id {row.row_id!r} already used on line {seen}"
+        elif row.own_session:
+            error = f"session_id {session!r} already names the object of line {seen}"
+        else:
+            error = f"its object {session!r} (from its id) is already named by line {seen}"
+        return InvalidRow(row.line, row.row_id, error)
     return row
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+def _jsonl_records(path: Path, seen: _Digest) -> Iterator[tuple[int, dict[str, Any] | str]]:
     # Bytes, decoded line by line, so that one line that is not UTF-8 is one invalid row.
     with path.open("rb") as lines:
         for number, raw in enumerate(lines, start=1):
+            seen.update(raw)
             try:
                 record = (
                     json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8")) if raw.strip() else None
@@ -130,27 +154,36 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
                 yield number, record if isinstance(record, dict) else "not a JSON object"
 
 
-def _csv_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+def _csv_records(path: Path, seen: _Digest) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """Each record with the physical line it starts on (a quoted cell may span lines; blank lines
+    are skipped but counted), the header being the first line that is not blank."""
     dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
     with path.open(encoding="utf-8-sig", newline="") as stream:
-        reader = csv.DictReader(stream, dialect=dialect, restkey=_EXTRA)
-        ends = reader.line_num
+        reader = csv.reader(_hashed(stream, seen), dialect=dialect)
+        header: list[str] | None = None
+        ends = 0
         for cells in reader:
             start, ends = ends + 1, reader.line_num
-            extra = cells.pop(_EXTRA, None)
-            yield (
-                start,
-                (f"{len(extra)} more cells than the header has columns" if extra else _from_cells(cells)),
-            )
+            if not cells:
+                continue
+            if header is None:
+                header = cells
+            elif len(cells) > len(header):
+                yield start, f"{len(cells) - len(header)} more cells than the header has columns"
+            else:
+                yield start, _from_cells(dict(zip(header, cells, strict=False)))  # a short row: cells unset
 
 
-_EXTRA = "\x00extra cells"
+def _hashed(lines: Iterable[str], seen: _Digest) -> Iterator[str]:
+    for line in lines:
+        seen.update(line.encode("utf-8"))
+        yield line
 
 
-def _from_cells(cells: dict[str, str | None]) -> dict[str, Any] | str:
+def _from_cells(cells: dict[str, str]) -> dict[str, Any] | str:
     record: dict[str, Any] = {}
     for column, cell in cells.items():
-        if cell is None or cell == "":
+        if cell == "":
             continue
         try:
             record[column] = _convert(column, cell)
