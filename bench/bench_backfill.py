@@ -81,6 +81,7 @@ def bench_enqueue(url: str, workdir: Path, count: int, runs: int) -> None:
         broker=client, manifest=manifest, tally=tally, progress=Progress(tally, stream=sys.stderr, tty=False),
         stop=threading.Event(),
     )  # fmt: skip
+    backfill.guard.start()  # publishing needs a held lease
     rows, tts = texts(count), TTSTask(app)
 
     def timed(run: Callable[[str], None]) -> float:

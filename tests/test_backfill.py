@@ -8,14 +8,16 @@ task started twice, or was synthesised twice, shows up in the counts.
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +28,13 @@ from kombu.transport.redis import PublishBatch
 from producer.app import BACKFILL_QUEUE, create_app, shown_fields
 from producer.backfill import naming
 from producer.backfill.broker import Publisher, find_queued
-from producer.backfill.guard import Claim
+from producer.backfill.decide import decide
+from producer.backfill.guard import Claim, Guard
 from producer.backfill.manifest import ManifestBusy, ManifestIndex, ManifestWriter
-from producer.backfill.results import Outcome, TaskState
+from producer.backfill.progress import Progress, Tally
+from producer.backfill.results import Outcome, ResultReader, TaskState
 from producer.backfill.rows import InvalidRow, Row, RowReader, input_format
-from producer.backfill.runner import decide
+from producer.backfill.runner import Backfill, Options
 from producer.config import ProducerConfig
 from tests.conftest import WorkerHandle
 from tts_worker.devstack import RedisServer, WorkerProcess
@@ -302,6 +306,12 @@ def test_find_queued_sees_waiting_and_delivered_messages(
     app.close()
 
 
+def own_env(base_env: dict[str, str], redis_server: RedisServer, db: int) -> dict[str, str]:
+    """The environment of a producer on databases no worker reads."""
+    return {**base_env, "CELERY_BROKER_URL": f"{redis_server.url}/{db}",
+            "CELERY_RESULT_BACKEND": f"{redis_server.url}/{db + 1}"}  # fmt: skip
+
+
 def test_published_messages_show_shortened_fields(
     redis_client: redis.Redis, redis_server: RedisServer
 ) -> None:
@@ -341,6 +351,115 @@ def test_messages_go_out_in_batches(
     assert redis_client.llen("tts.batched\x06\x169") == 302
 
 
+class Runs:
+    """Backfill runs driven step by step in this process, on databases no worker reads."""
+
+    def __init__(self, redis_server: RedisServer, db: int, workdir: Path) -> None:
+        url = redis_server.url
+        self.app = create_app(ProducerConfig(broker_url=f"{url}/{db}", result_backend=f"{url}/{db + 1}"))
+        self.client = redis.Redis.from_url(f"{url}/{db}")
+        self.workdir = workdir
+        self.manifests: list[ManifestWriter] = []
+
+    def backfill(self, guard: Guard, publisher: Publisher | None = None) -> Backfill:
+        tally = Tally()
+        self.manifests.append(ManifestWriter(self.workdir / f"{guard.run_id}.manifest.jsonl"))
+        guard.start()
+        return Backfill(
+            Options(namespace="lease", queue=BACKFILL_QUEUE, priority=9), guard=guard,
+            publisher=publisher or Publisher(self.app, queue=BACKFILL_QUEUE, priority=9),
+            results=ResultReader(self.app), broker=self.client, manifest=self.manifests[-1], tally=tally,
+            progress=Progress(tally, stream=io.StringIO(), tty=False), stop=threading.Event(),
+        )  # fmt: skip
+
+    def guard(self, run_id: str) -> Guard:
+        return Guard(self.client, namespace="lease", run_id=run_id, lease_s=30)
+
+    def queued(self) -> int:
+        return int(self.client.llen(f"{BACKFILL_QUEUE}\x06\x169"))
+
+    def close(self) -> None:
+        for manifest in self.manifests:
+            manifest.close()
+        self.client.close()
+        self.app.close()
+
+
+@pytest.fixture
+def runs(
+    redis_client: redis.Redis, redis_server: RedisServer, fresh_db: int, tmp_path: Path
+) -> Iterator[Runs]:
+    made = Runs(redis_server, fresh_db, tmp_path)
+    yield made
+    made.close()
+
+
+def lease_rows(tmp_path: Path, count: int) -> list[Row]:
+    write_rows(tmp_path / "lease.jsonl", count)
+    return [r for r in read_rows(tmp_path / "lease.jsonl", "lease") if isinstance(r, Row)]
+
+
+def test_a_run_paused_past_its_lease_does_not_publish_rows_taken_over(runs: Runs, tmp_path: Path) -> None:
+    """The run claims its rows, then stalls (a stopped process, a laptop asleep) until its lease
+    lapses; meanwhile another run takes the rows over as a dead run's and publishes them. Waking up,
+    the run must follow those rows, not publish them a second time."""
+    rows = lease_rows(tmp_path, 4)
+    other = runs.backfill(runs.guard("other"))
+
+    class StallingGuard(Guard):
+        def claim(self, items: Sequence[tuple[str, Claim]]) -> list[bool]:
+            won = super().claim(items)
+            runs.client.delete("tts-backfill:lease:run:paused")  # the lease lapses meanwhile
+            other._settle(rows, retry_failed=False)
+            return won
+
+    paused = runs.backfill(StallingGuard(runs.client, namespace="lease", run_id="paused", lease_s=30))
+    paused._settle(rows, retry_failed=False)
+    assert other.tally.sent == 4 and runs.queued() == 4  # the other run's messages, and no more
+    assert paused.tally.sent == 0 and len(paused.tracked) == 4
+    assert not any(entry.mine for entry in paused.tracked.values())  # followed: the other run's now
+    assert paused.guard.run_id != "paused"  # it goes on under a new lease
+
+
+def test_a_row_whose_claim_changed_hands_after_publishing_is_followed(runs: Runs, tmp_path: Path) -> None:
+    rows = lease_rows(tmp_path, 3)
+
+    class Overtaken(Publisher):
+        def publish(self, jobs: Sequence[tuple[str, dict[str, Any]]]) -> None:
+            super().publish(jobs)
+            for row, (task, _) in zip(rows, jobs, strict=True):  # another run took the rows meanwhile
+                taken = Claim("sent", "other", task, BACKFILL_QUEUE, row.digest)
+                runs.client.set(f"tts-backfill:lease:row:{row.name}", taken.dump())
+
+    backfill = runs.backfill(runs.guard("mine"), Overtaken(runs.app, queue=BACKFILL_QUEUE, priority=9))
+    backfill._settle(rows, retry_failed=False)
+    assert len(backfill.tracked) == 3 and not any(entry.mine for entry in backfill.tracked.values())
+
+
+def test_a_claim_made_for_another_request_is_a_conflict(
+    base_env: dict[str, str], redis_server: RedisServer, redis_client: redis.Redis, fresh_db: int,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """A live run of another input with the same default namespace holds row-0: same task id, other
+    fields. This run must neither wait for that row's audio nor publish its own under that id."""
+    rows = tmp_path / "shared.jsonl"
+    write_rows(rows, 1)
+    env = own_env(base_env, redis_server, fresh_db)
+    broker = redis.Redis.from_url(env["CELERY_BROKER_URL"])
+    theirs = Claim("sent", "elsewhere", "backfill:shared:row-0", BACKFILL_QUEUE, "0123456789abcdef")
+    broker.set("tts-backfill:shared:row:row-0", theirs.dump())
+    broker.set("tts-backfill:shared:run:elsewhere", "alive", ex=120)
+    done = run(env, rows, "--manifest", tmp_path / "m.jsonl", timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "conflict   1" in done.stdout and sent(done.stdout) == 0
+    [line] = (tmp_path / "m.jsonl").read_text().splitlines()
+    entry = json.loads(line)
+    assert entry["status"] == "conflict" and entry["url"] is None and "--namespace" in entry["error"]
+    assert broker.get("tts-backfill:shared:row:row-0") == theirs.dump().encode()  # left alone
+    assert broker.llen(BACKFILL_QUEUE + "\x06\x169") == 0
+    broker.close()
+
+
 @pytest.mark.slow
 def test_every_row_once_end_to_end_and_a_rerun_sends_nothing(
     pair: Pair, redis_client: redis.Redis, tmp_path: Path, s3: Any
@@ -364,6 +483,45 @@ def test_every_row_once_end_to_end_and_a_rerun_sends_nothing(
     assert sent(again.stdout) == 0 and "completed  200 (200 before this run)" in again.stdout
     assert len(manifest.read_text().splitlines()) == 200
     assert_each_once(pair.log(), "e2e", ids)
+
+
+@pytest.mark.slow
+def test_inputs_sharing_a_namespace_get_no_audio_of_each_other(
+    pair: Pair, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """a/chapters.jsonl and b/chapters.jsonl both default to namespace `chapters`, with the same row
+    ids and other texts. b's rows are conflicts (by the claims a left, and by a's results once the
+    claims are gone), not a's audio; with --namespace they are b's own."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ids = write_rows(tmp_path / "a" / "chapters.jsonl", 3)
+    (tmp_path / "b" / "chapters.jsonl").write_text(
+        "".join(json.dumps({"id": i, "text": f"Other words {n}.", "output_format": "wav"}) + "\n"
+                for n, i in enumerate(ids))
+    )  # fmt: skip
+    assert (
+        run(pair.env, tmp_path / "a" / "chapters.jsonl", "--manifest", tmp_path / "a.jsonl").returncode == 0
+    )
+    b_rows, b_manifest = tmp_path / "b" / "chapters.jsonl", tmp_path / "b.jsonl"
+    broker = redis.Redis.from_url(pair.env["CELERY_BROKER_URL"])
+    assert len(broker.keys("tts-backfill:chapters:row:*")) == 3
+    for attempt in ("claims", "results"):
+        done = run(pair.env, b_rows, "--manifest", b_manifest)
+        assert done.returncode == 1, (attempt, done.stderr)
+        assert "conflict   3" in done.stdout and sent(done.stdout) == 0
+        records = [json.loads(line) for line in b_manifest.read_text().splitlines()]
+        assert {r["status"] for r in records} == {"conflict"} and {r["url"] for r in records} == {None}
+        assert "pass --namespace NAME" in records[-1]["error"]
+        # As if the claims were gone (deleted by hand, or made before claims held digests):
+        for key in broker.keys("tts-backfill:chapters:row:*"):
+            broker.delete(key)
+    assert broker.keys("tts-backfill:chapters:row:*") == []  # claims won for a conflict: given back
+    broker.close()
+    assert_each_once(pair.log(), "chapters", ids)  # nothing of b's ran under a's task ids
+
+    apart = run(pair.env, b_rows, "--manifest", b_manifest, "--namespace", "b-chapters")
+    assert apart.returncode == 0, apart.stderr
+    assert {r["s3_key"] for r in final(b_manifest).values()} == {f"b-chapters.{i}.wav" for i in ids}
 
 
 @pytest.mark.slow
@@ -453,11 +611,12 @@ def test_claims_of_a_dead_run_are_resolved_without_sending_twice(
     )
     wait_for_state(blocker.id, slow_worker)
     broker = redis.Redis.from_url(slow_worker.env["CELERY_BROKER_URL"])
-    for i, task in enumerate(tasks):
-        claim = Claim("sent" if i == 4 else "claimed", "gone", task, BACKFILL_QUEUE)
+    parsed = [r for r in read_rows(rows, "dead") if isinstance(r, Row)]
+    for i, (task, row) in enumerate(zip(tasks, parsed, strict=True)):
+        claim = Claim("sent" if i == 4 else "claimed", "gone", task, BACKFILL_QUEUE, row.digest)
         broker.set(f"tts-backfill:dead:row:{ids[i]}", claim.dump())
-    message = {"text": "Published before the crash.", "output_format": "wav"}
-    Publisher(slow_worker.app, queue=BACKFILL_QUEUE, priority=9).publish([(t, message) for t in tasks[3:]])
+    publisher = Publisher(slow_worker.app, queue=BACKFILL_QUEUE, priority=9)
+    publisher.publish([(t, row.message) for t, row in zip(tasks[3:], parsed[3:], strict=True)])
     broker.close()
 
     done = run(slow_worker.env, rows, "--manifest", tmp_path / "m.jsonl")

@@ -5,14 +5,18 @@
 
 How it keeps "every row once" (details in each module):
 - rows: INPUT is streamed twice, once to validate every row (invalid ones are reported by line and
-  left out) and once to send; a row's id is given, or derived from its content.
+  left out) and once to send, each taking a digest of what it read (a file changed in between is
+  an error); a row's id is given, or derived from its content.
 - naming: task id `backfill:<namespace>:<name>` and object `<namespace>.<name>.<ext>` follow from
   the row id, so the worker's own idempotency (object key + job id) applies to redeliveries.
 - guard: a Redis claim per row (SET NX) is taken before publishing and marked `sent` after, so
   concurrent runs and re-runs never publish a row twice; a dead run's unmarked claims are resolved
-  by looking for the message in the broker before publishing again.
-- manifest: one JSON line per row, appended as outcomes arrive; a re-run skips completed rows without
-  touching Redis.
+  by looking for the message in the broker before publishing again. A claim holds the digest of
+  its row's request: another request under the same task id is a conflict, never shared audio.
+- decide: what to do with a row, given its claim and its task's state.
+- manifest: one JSON line per row, appended as outcomes arrive (read once its lock is held); a
+  re-run skips completed rows without touching Redis.
+- connect: the broker and the result backend, reached once before anything is sent.
 - broker: messages are published in batches with kombu's `Producer.batch()`.
 - runner: at most `--max-in-flight` rows are in flight; Ctrl-C stops between steps.
 

@@ -1,6 +1,7 @@
 """The duplicate-submit guard: one Redis key per row, in the broker's database, set before publishing.
 
-    tts-backfill:<namespace>:row:<name>  -> {"state": "claimed"|"sent", "run": ..., "task": ..., "queue": ...}
+    tts-backfill:<namespace>:row:<name>  -> {"state": "claimed"|"sent", "run": ..., "task": ..., "queue": ...,
+                                             "digest": <request digest>}
     tts-backfill:<namespace>:run:<run>   -> a lease, refreshed while that run is alive
 
 A run claims a row with `SET NX` (so of two runs, one wins), publishes, then marks the claim `sent`.
@@ -12,14 +13,22 @@ never both take a row over. Claims last `GUARD_TTL_S` (7 days), never longer tha
 point to; after that the worker's own idempotency (object key and job id) still keeps a row from
 being synthesised twice.
 
-Not handled: a claim marked `sent` whose message was then lost from Redis (a purged queue, a Redis
-restart without persistence) is awaited for ever. Delete the namespace's claims
-(`tts-backfill:<namespace>:row:*`) and run again: the workers reuse whatever audio was stored.
+A claim carries the digest of the row's request (`naming.request_digest`): a row whose claim has
+another digest is a different request under the same task id (another input mapped to the same
+namespace, or a row edited since it was sent), reported as a conflict by the runner.
+
+A lease is renewed only while it exists (`SET XX`): a run that was paused past its lease learns that
+it lapsed, and that other runs may have taken its claims over; it then takes a lease under a new run
+id and settles its rows again (compare-and-set from its old claims), instead of publishing them.
+
+A claim marked `sent` whose message was then lost from Redis (a purged queue, a Redis restart
+without persistence) is found by the runner's lost-message checks, and the message sent again.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -33,12 +42,17 @@ __all__ = ["GUARD_TTL_S", "Claim", "Guard"]
 GUARD_TTL_S = 7 * 24 * 3600
 """How long a claim lasts: the workers' `result_expires`, so a live claim always has its result."""
 
-# Compare-and-set of many keys in one call: KEYS[i] becomes ARGV[2i] where it is ARGV[2i-1].
+# Compare-and-set of many keys in one call: KEYS[i] becomes ARGV[2i] where it is ARGV[2i-1]
+# (is deleted where ARGV[2i] is empty).
 _COMPARE_AND_SET = """
 local done = {}
 for i, key in ipairs(KEYS) do
   if redis.call('GET', key) == ARGV[2 * i - 1] then
-    redis.call('SET', key, ARGV[2 * i], 'KEEPTTL')
+    if ARGV[2 * i] == '' then
+      redis.call('DEL', key)
+    else
+      redis.call('SET', key, ARGV[2 * i], 'KEEPTTL')
+    end
     done[i] = 1
   else
     done[i] = 0
@@ -57,11 +71,15 @@ class Claim:
     run: str
     task: str
     queue: str
+    digest: str = ""
+    """The request digest of the row that made the claim; empty in claims made before digests."""
 
     def dump(self) -> str:
         """The stored form; canonical, because compare-and-set compares it byte for byte."""
         fields = {"queue": self.queue, "run": self.run, "state": self.state, "task": self.task}
-        return json.dumps(fields, separators=(",", ":"))
+        if self.digest:
+            fields["digest"] = self.digest
+        return json.dumps(fields, separators=(",", ":"), sort_keys=True)
 
     @classmethod
     def parse(cls, raw: bytes | str | None) -> Claim | None:
@@ -70,7 +88,10 @@ class Claim:
             return None
         try:
             data = json.loads(raw)
-            return cls(state=data["state"], run=data["run"], task=data["task"], queue=data["queue"])
+            return cls(
+                state=data["state"], run=data["run"], task=data["task"], queue=data["queue"],
+                digest=data.get("digest", ""),
+            )  # fmt: skip
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -102,19 +123,31 @@ class Guard:
             return []
         return [Claim.parse(raw) for raw in self.client.mget([self.key(n) for n in names])]
 
-    def swap(self, items: Sequence[tuple[str, Claim, Claim]]) -> list[bool]:
-        """For each (name, expected, new): replace the claim if it is still `expected`; True where done."""
+    def swap(self, items: Sequence[tuple[str, Claim, Claim | None]]) -> list[bool]:
+        """For each (name, expected, new): replace the claim (or delete it, where `new` is None) if it
+        is still `expected`; True where done."""
         done: list[bool] = []
         for start in range(0, len(items), _SWAP_CHUNK):
             chunk = items[start : start + _SWAP_CHUNK]
             keys = [self.key(name) for name, _, _ in chunk]
-            args = [value for _, expected, new in chunk for value in (expected.dump(), new.dump())]
+            args = [v for _, old, new in chunk for v in (old.dump(), new.dump() if new else "")]
             done += [bool(flag) for flag in self._cas(keys=keys, args=args)]
         return done
 
-    def beat(self) -> None:
-        """Renew this run's lease; other runs treat our claims as alive while it lasts."""
-        self.client.set(self._run_key(self.run_id), "alive", ex=max(1, round(self.lease_s)))
+    def start(self) -> None:
+        """Take this run's lease (run ids are fresh, so nobody else holds it)."""
+        self.client.set(self._run_key(self.run_id), "alive", ex=self._lease_ttl(), nx=True)
+
+    def beat(self) -> bool:
+        """Renew this run's lease if it still holds it. False when it had lapsed: other runs may have
+        taken over claims made under it (see `restart`)."""
+        return bool(self.client.set(self._run_key(self.run_id), "alive", ex=self._lease_ttl(), xx=True))
+
+    def restart(self) -> None:
+        """Go on under a new run id and lease, after the old one lapsed: claims of the old id are then
+        a dead run's to every run, this one included, and are taken back only by compare-and-set."""
+        self.run_id = uuid.uuid4().hex[:12]
+        self.start()
 
     def alive(self, runs: Iterable[str]) -> set[str]:
         """Which of `runs` hold a lease now."""
@@ -130,3 +163,6 @@ class Guard:
 
     def _run_key(self, run: str) -> str:
         return f"{self._prefix}:run:{run}"
+
+    def _lease_ttl(self) -> int:
+        return max(1, round(self.lease_s))

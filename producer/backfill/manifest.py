@@ -3,7 +3,8 @@
     {"id": "ch-1", "line": 2, "status": "completed", "task_id": "backfill:book:ch-1", "url": "...",
      "s3_key": "book.ch-1.ogg", "duration": 3.4, "error": null}
 
-`status` is `completed`, `failed` or `invalid`. Lines are written whole with one `write` on a file
+`status` is `completed`, `failed`, `invalid` or `conflict` (the row's task id holds another request:
+not done, tried again by a re-run). Lines are written whole with one `write` on a file
 opened for appending, as soon as outcomes are known, so a reader (`tail -f`, `jq`) sees whole lines
 while it grows and a crash loses only the rows still in flight, never what was written. If a row
 appears more than once (a failed row retried), the last line is the row's state.
@@ -21,6 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from producer.backfill.naming import namespace_of
 
 __all__ = ["FINAL_STATUSES", "ManifestBusy", "ManifestIndex", "ManifestWriter", "record"]
 
@@ -45,11 +48,13 @@ def record(
 
 @dataclass
 class ManifestIndex:
-    """What an existing manifest says: each row's last status, and the lines recorded as invalid."""
+    """What an existing manifest says: each row's last status, the lines recorded as invalid, the
+    namespace of the last task id it records, and how many lines could not be read (a line torn by
+    a crash)."""
 
     status: dict[str, str] = field(default_factory=dict)
-    failed_task: dict[str, str] = field(default_factory=dict)
     invalid_lines: set[int] = field(default_factory=set)
+    namespace: str | None = None
     unreadable_lines: int = 0
 
     @classmethod
@@ -70,10 +75,13 @@ class ManifestIndex:
         except (ValueError, KeyError, AttributeError):
             self.unreadable_lines += 1
             return
+        task = entry.get("task_id")
+        if isinstance(task, str) and (namespace := namespace_of(task)):
+            self.namespace = namespace
         if status in FINAL_STATUSES and isinstance(row_id, str):
             self.status[row_id] = status
-            if status == "failed" and entry.get("task_id"):
-                self.failed_task[row_id] = str(entry["task_id"])
+        elif status == "conflict" and isinstance(row_id, str):
+            self.status.pop(row_id, None)  # the last line is the row's state: not done
         elif status == "invalid" and isinstance(entry.get("line"), int):
             self.invalid_lines.add(entry["line"])
 

@@ -23,6 +23,7 @@ class Tally:
     failed_before: int = 0
     completed: int = 0
     failed: int = 0
+    conflicts: int = 0
     sent: int = 0
     resent: int = 0
     followed: int = 0
@@ -36,10 +37,11 @@ class Tally:
         return self.done_before + self.failed_before + self.completed + self.failed
 
     def exit_status(self) -> int:
-        """0 when every row completed; 1 when rows failed or were invalid; 130 when interrupted."""
+        """0 when every row completed; 1 when rows failed, were invalid or conflicted; 130 when
+        interrupted."""
         if self.interrupted:
             return 130
-        return 1 if self.failed or self.failed_before or self.invalid else 0
+        return 1 if self.failed or self.failed_before or self.invalid or self.conflicts else 0
 
     def summary(self, *, queue: str, priority: int) -> str:
         """The lines printed at the end of a run."""
@@ -56,6 +58,12 @@ class Tally:
             + (f"; {self.resent} sent again (lost by the broker)" if self.resent else ""),
             f"time       {_clock(elapsed)}, {rate:.1f} rows/s",
         ]
+        if self.conflicts:
+            lines.insert(
+                3,
+                f"conflict   {self.conflicts} (their task ids hold other requests: not recorded as done; "
+                "pass --namespace NAME to keep this input apart)",
+            )
         if self.interrupted:
             lines.append(
                 f"stopped    with {self.in_flight} rows in flight: workers finish them; "

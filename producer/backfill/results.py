@@ -2,7 +2,8 @@
 
 One MGET per few hundred tasks instead of an `AsyncResult` per task: a backfill follows up to
 `--max-in-flight` jobs at once. A task that has no result yet reads as PENDING (Celery stores nothing
-for a task that is only queued).
+for a task that is only queued). With `result_extended` (the contract's setting) a stored state
+holds the task's kwargs; their digest tells whether the result answers the row at hand.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 
 from celery import Celery, states
 from celery.backends.base import BaseKeyValueStoreBackend
+
+from producer.backfill.naming import request_digest
 
 __all__ = ["Outcome", "ResultReader", "TaskState"]
 
@@ -36,6 +39,8 @@ class TaskState:
 
     state: str
     outcome: Outcome | None = None
+    digest: str | None = None
+    """The request digest of the kwargs the task ran with; None where the backend kept none."""
 
     @property
     def ready(self) -> bool:
@@ -66,15 +71,20 @@ class ResultReader:
             ]
         return found
 
+    def ping(self) -> None:
+        """Read one key, so that an unreachable backend shows before anything is sent."""
+        self.backend.get(self.backend.get_key_for_task("tts-backfill-ping"))
+
 
 def _state(meta: dict[str, Any]) -> TaskState:
     state = str(meta.get("status", states.PENDING))
-    result = meta.get("result")
+    result, kwargs = meta.get("result"), meta.get("kwargs")
+    digest = request_digest(kwargs) if isinstance(kwargs, dict) else None
     if state == states.SUCCESS:
-        return TaskState(state, _completed(result))
+        return TaskState(state, _completed(result), digest)
     if state in states.READY_STATES:
-        return TaskState(state, Outcome("failed", error=_error(state, result)))
-    return TaskState(state)
+        return TaskState(state, Outcome("failed", error=_error(state, result)), digest)
+    return TaskState(state, digest=digest)
 
 
 def _completed(result: Any) -> Outcome:

@@ -7,6 +7,11 @@ however long INPUT is. Each row is settled by `decide`: record it (its result ex
 resolve it (held by a run that died, maybe before publishing, or its message lost since: search
 the broker first). A message this run sent that vanishes from the broker before any worker starts
 it (a purged queue, a Redis that lost its data) is sent again, so that no run waits forever.
+
+A row whose claim or existing result carries another request digest than the row's own is a
+conflict: its task id (and object) belong to another request, so it is reported, neither published
+nor recorded as done. A run whose lease lapsed (it was paused) publishes nothing more under it: it
+goes on under a new lease and settles what it held again, as any run settles a dead run's rows.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from celery import states
 
 from producer.backfill import naming
 from producer.backfill.broker import Publisher, find_queued
+from producer.backfill.decide import conflicts, decide
 from producer.backfill.guard import Claim, Guard
 from producer.backfill.manifest import ManifestWriter, record
 from producer.backfill.progress import Progress, Tally
-from producer.backfill.results import Outcome, ResultReader, TaskState
+from producer.backfill.results import ResultReader, TaskState
 from producer.backfill.rows import Row
 
-__all__ = ["Backfill", "Options", "decide"]
+__all__ = ["Backfill", "Options"]
 
 log = logging.getLogger(__name__)
 
@@ -63,21 +69,6 @@ class _Tracked:
     last lost-message check: sent again if the next check finds the same."""
 
 
-def decide(*, won: bool, claim: Claim | None, state: TaskState, alive: set[str], retry_failed: bool) -> str:
-    """What to do with a row, given its claim after this run tried to take it and its task's state.
-
-    `record`, `takeover` (publish a new attempt), `publish`, `resolve`, `follow` or `recheck`."""
-    if claim is None:
-        return "recheck"  # the claim vanished between our SET NX and our read: look again soon
-    if state.outcome is not None:
-        return "takeover" if state.outcome.status == "failed" and retry_failed else "record"
-    if won:
-        return "publish"
-    if state.state == states.PENDING and claim.run not in alive:
-        return "resolve"
-    return "follow"
-
-
 class Backfill:
     """One run over the rows of INPUT that the manifest does not already account for."""
 
@@ -103,7 +94,8 @@ class Backfill:
     def run(self, rows: Iterator[Row]) -> None:
         """Work until every row has an outcome, or until `stop` is set (then leave the rest to a re-run)."""
         try:
-            self._heartbeat()
+            self.guard.start()
+            self._beat_at = time.monotonic()
             while not self.stop.is_set() and not (self._exhausted and not self.tracked):
                 busy = self._fill(rows)
                 busy = self._poll() or busy
@@ -133,7 +125,10 @@ class Backfill:
         if not rows:
             return
         me, queue = self.guard.run_id, self.options.queue
-        ours = [Claim("claimed", me, naming.task_id(self.options.namespace, r.name), queue) for r in rows]
+        ours = [
+            Claim("claimed", me, naming.task_id(self.options.namespace, r.name), queue, r.digest)
+            for r in rows
+        ]
         won = self.guard.claim([(row.name, claim) for row, claim in zip(rows, ours, strict=True)])
         others = iter(self.guard.read([row.name for row, w in zip(rows, won, strict=True) if not w]))
         claims = [claim if w else next(others) for claim, w in zip(ours, won, strict=True)]
@@ -142,9 +137,13 @@ class Backfill:
         alive = self.guard.alive(c.run for c in claims if c is not None)
         plan: dict[str, list[tuple[Row, Claim]]] = {}
         for row, w, mine, claim, state in zip(rows, won, ours, claims, task_states, strict=True):
+            if claim is not None and conflicts(row, claim, state):
+                self._conflict(row, claim.task)
+                plan.setdefault("release" if w else "conflict", []).append((row, claim))
+                continue
             action = decide(won=w, claim=claim, state=state, alive=alive, retry_failed=retry_failed)
-            if action == "record" and state.outcome is not None and claim is not None:
-                self._record(row, claim.task, state.outcome, mine=False)
+            if action == "record" and claim is not None:
+                self._record(row, claim.task, state, mine=False)
             plan.setdefault(action, []).append((row, claim or mine))
         self._act(plan)
 
@@ -155,7 +154,7 @@ class Backfill:
             self._follow(row, claim.task, checked_at=0.0)
         me, queue = self.guard.run_id, self.options.queue
         takeovers = [
-            (row, claim, Claim("claimed", me, naming.next_task_id(claim.task), queue))
+            (row, claim, Claim("claimed", me, naming.next_task_id(claim.task), queue, row.digest))
             for row, claim in plan.get("takeover", [])
         ]
         publish = [(row, claim) for row, claim in plan.get("publish", [])]
@@ -163,8 +162,10 @@ class Backfill:
         publish += self._resolve(plan.get("resolve", []))
         # A result existed although this run had just won the claim (an earlier claim expired): the
         # message was sent once, so mark it so; nothing is followed, the row is recorded already.
+        # A claim just won for a conflicting row is given back: the task id is the other request's.
         self.guard.swap(
             [(r.name, c, replace(c, state="sent")) for r, c in plan.get("record", []) if c.run == me]
+            + [(r.name, c, None) for r, c in plan.get("release", [])]
         )
         self._publish(publish)
 
@@ -194,16 +195,24 @@ class Backfill:
         for row, claim in found:
             self._follow(row, claim.task)
         me, queue = self.guard.run_id, self.options.queue
-        return self._swap_or_follow([(row, c, Claim("claimed", me, c.task, queue)) for row, c in lost])
+        return self._swap_or_follow(
+            [(row, c, Claim("claimed", me, c.task, queue, row.digest)) for row, c in lost]
+        )
 
     def _publish(self, items: Sequence[tuple[Row, Claim]]) -> None:
         if not items:
             return
+        if not self._lease_held():
+            # Paused past the lease: another run may have taken these rows over meanwhile.
+            self._settle([row for row, _ in items], retry_failed=self.options.retry_failed)
+            return
         self.publisher.publish([(claim.task, row.message) for row, claim in items])
-        self.guard.swap([(row.name, claim, replace(claim, state="sent")) for row, claim in items])
+        marked = self.guard.swap([(row.name, claim, replace(claim, state="sent")) for row, claim in items])
         now = time.monotonic()
-        for row, claim in items:
-            self.tracked[claim.task] = _Tracked(row, claim.task, mine=True, checked_at=now)
+        for (row, claim), ok in zip(items, marked, strict=True):
+            # Not marked: the claim changed hands after all (another run holds it): follow the row,
+            # so that this run never sends it again as its own.
+            self.tracked[claim.task] = _Tracked(row, claim.task, mine=ok, checked_at=now)
         self.tally.sent += len(items)
 
     def _follow(self, row: Row, task_id: str, *, checked_at: float | None = None) -> None:
@@ -219,10 +228,10 @@ class Backfill:
         self._cursor = self._cursor % len(rest) if rest else 0
         window = ids[:_POLL_WINDOW] + rest[self._cursor : self._cursor + _POLL_WINDOW]
         self._cursor += _POLL_WINDOW
-        done = [(t, s.outcome) for t, s in zip(window, self.results.states(window), strict=True) if s.outcome]
-        for task_id, outcome in done:
+        done = [(t, s) for t, s in zip(window, self.results.states(window), strict=True) if s.ready]
+        for task_id, state in done:
             entry = self.tracked.pop(task_id)
-            self._record(entry.row, task_id, outcome, mine=entry.mine)
+            self._record(entry.row, task_id, state, mine=entry.mine)
         return bool(done)
 
     def _maintain(self) -> None:
@@ -261,7 +270,7 @@ class Backfill:
                 entry.missing, entry.checked_at = False, now
             else:
                 entry.missing = True
-        if lost:
+        if lost and self._lease_held():
             log.warning(
                 "%d messages vanished from the broker before a worker took them: sent again", len(lost)
             )
@@ -270,10 +279,37 @@ class Backfill:
 
     def _heartbeat(self) -> None:
         if time.monotonic() - self._beat_at > self.options.lease_s / 3:
-            self.guard.beat()
-            self._beat_at = time.monotonic()
+            self._lease_held()
 
-    def _record(self, row: Row, task_id: str, outcome: Outcome, *, mine: bool) -> None:
+    def _lease_held(self) -> bool:
+        """Renew the lease. False when it had lapsed; the run then goes on under a new one, and
+        every row it published becomes one to settle again (another run may have taken it over)."""
+        held = self.guard.beat()
+        if not held:
+            log.warning("this run's lease lapsed (was it paused?): its rows are settled again")
+            self.guard.restart()
+            for entry in self.tracked.values():
+                if entry.mine:
+                    entry.mine, entry.checked_at = False, 0.0
+        self._beat_at = time.monotonic()
+        return held
+
+    def _conflict(self, row: Row, task_id: str) -> None:
+        namespace = naming.namespace_of(task_id)
+        error = (
+            f"task {task_id} holds another request (another input mapped to namespace {namespace}, or "
+            "this row changed since it was sent): pass --namespace NAME to keep this input apart"
+        )
+        self.manifest.write([record(row.row_id, row.line, "conflict", task_id=task_id, error=error)])
+        self.tally.conflicts += 1
+
+    def _record(self, row: Row, task_id: str, state: TaskState, *, mine: bool) -> None:
+        outcome = state.outcome
+        if outcome is None:
+            return
+        if state.digest not in (None, row.digest):  # a result for another request's kwargs
+            self._conflict(row, task_id)
+            return
         self.manifest.write(
             [
                 record(
