@@ -26,11 +26,13 @@ import redis
 from kombu.transport.redis import PublishBatch
 
 from producer.app import BACKFILL_QUEUE, create_app, shown_fields
+from producer.backfill import cli as backfill_cli
 from producer.backfill import naming
 from producer.backfill.broker import Publisher, find_queued
+from producer.backfill.connect import Connections
 from producer.backfill.decide import decide
 from producer.backfill.guard import Claim, Guard
-from producer.backfill.manifest import ManifestBusy, ManifestIndex, ManifestWriter
+from producer.backfill.manifest import ManifestBusy, ManifestIndex, ManifestWriter, record
 from producer.backfill.progress import Progress, Tally
 from producer.backfill.results import Outcome, ResultReader, TaskState
 from producer.backfill.rows import InvalidRow, Row, RowReader, input_format
@@ -221,6 +223,44 @@ def test_csv_rows_are_reported_on_their_physical_lines(tmp_path: Path) -> None:
     assert found == [(2, "InvalidRow"), (4, "Row"), (5, "Row"), (8, "InvalidRow"), (9, "InvalidRow")]
 
 
+def test_a_manifest_of_another_namespace_needs_namespace(tmp_path: Path) -> None:
+    """book.part1.jsonl was once known as `book` (the default rule changed): going on under the new
+    name would send its unfinished rows again under other task ids and objects."""
+    rows = tmp_path / "book.part1.jsonl"
+    write_rows(rows, 2)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps(record("row-0", 1, "completed", task_id="backfill:book:row-0")) + "\n")
+    env = {**os.environ, "CELERY_BROKER_URL": "redis://127.0.0.1:1/0"}  # nothing listens: nothing sent
+    refused = run(env, rows, "--manifest", manifest, "--dry-run")
+    assert refused.returncode == 2
+    assert "namespace 'book'" in refused.stderr and "pass --namespace book" in refused.stderr
+    kept = run(env, rows, "--manifest", manifest, "--dry-run", "--namespace", "book")
+    assert kept.returncode == 0, kept.stderr
+    assert "1 completed" in kept.stdout and "1 would be sent" in kept.stdout
+
+
+def test_ctrl_c_while_validating_ends_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C raises KeyboardInterrupt wherever the validating pass is; here, after its first row."""
+    rows = tmp_path / "big.jsonl"
+    write_rows(rows, 3)
+
+    def interrupted(self: RowReader) -> Iterator[Row | InvalidRow]:
+        yield InvalidRow(1, None, "not valid JSON")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RowReader, "validate", interrupted)
+    try:
+        status = backfill_cli.main([str(rows), "--manifest", str(tmp_path / "m.jsonl")])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main()")
+    err = capsys.readouterr().err
+    assert status == 130
+    assert err.strip().splitlines()[-1] == "tts-backfill: interrupted; run the same command again to resume"
+    assert "Traceback" not in err
+
+
 def test_invalid_rows_are_reported_by_line_and_strict_sends_nothing(tmp_path: Path) -> None:
     rows = tmp_path / "mixed.jsonl"
     rows.write_text(
@@ -310,6 +350,78 @@ def own_env(base_env: dict[str, str], redis_server: RedisServer, db: int) -> dic
     """The environment of a producer on databases no worker reads."""
     return {**base_env, "CELERY_BROKER_URL": f"{redis_server.url}/{db}",
             "CELERY_RESULT_BACKEND": f"{redis_server.url}/{db + 1}"}  # fmt: skip
+
+
+def store_completed(results_url: str, task_id: str) -> None:
+    """A result as a worker stores it, without the kwargs (as before `result_extended`)."""
+    client = redis.Redis.from_url(results_url)
+    result = {"status": "completed", "url": "http://s3/x", "s3_key": "x.wav", "metadata": {"duration": 1.0}}
+    client.set(f"celery-task-meta-{task_id}", json.dumps({"status": "SUCCESS", "result": result}))
+    client.close()
+
+
+def use_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"):
+        monkeypatch.setenv(name, env[name])
+
+
+def test_the_manifest_is_read_after_its_lock_is_taken(
+    redis_client: redis.Redis, redis_server: RedisServer, base_env: dict[str, str], fresh_db: int,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """Another run writes its last line, then lets the lock go, between this run's start and its
+    lock: that line must count (else the row is recorded a second time)."""
+    rows = tmp_path / "late.jsonl"
+    write_rows(rows, 1)
+    env = own_env(base_env, redis_server, fresh_db)
+    store_completed(env["CELERY_RESULT_BACKEND"], "backfill:late:row-0")
+    use_env(monkeypatch, env)
+    last_line = record("row-0", 1, "completed", task_id="backfill:late:row-0", s3_key="late.row-0.wav")
+
+    class LateWriter(ManifestWriter):
+        def __init__(self, path: Path) -> None:
+            with path.open("a") as other_run:
+                other_run.write(json.dumps(last_line) + "\n")
+            super().__init__(path)
+
+    monkeypatch.setattr(backfill_cli, "ManifestWriter", LateWriter)
+    assert backfill_cli.main([str(rows), "--manifest", str(tmp_path / "m.jsonl")]) == 0
+    assert "completed  1 (1 before this run)" in capsys.readouterr().out
+    assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 1
+
+
+def test_input_changed_between_the_two_passes_is_an_error(
+    redis_client: redis.Redis, redis_server: RedisServer, base_env: dict[str, str], fresh_db: int,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """Rewritten after validation with the same size and time: only the contents tell."""
+    rows = tmp_path / "edit.jsonl"
+    write_rows(rows, 1)
+    env = own_env(base_env, redis_server, fresh_db)
+    store_completed(env["CELERY_RESULT_BACKEND"], "backfill:edit:row-0")
+    use_env(monkeypatch, env)
+    opened = Connections.open
+
+    def open_after_an_edit(config: ProducerConfig) -> Connections:
+        before = rows.stat()
+        rows.write_text(rows.read_text().replace("Row 0", "Wow 0"))
+        os.utime(rows, ns=(before.st_atime_ns, before.st_mtime_ns))
+        return opened(config)
+
+    monkeypatch.setattr(Connections, "open", open_after_an_edit)
+    assert backfill_cli.main([str(rows), "--manifest", str(tmp_path / "m.jsonl")]) == 2
+    assert f"{rows} changed after it was validated" in capsys.readouterr().err
+
+
+def test_an_unreachable_broker_is_one_clear_message(tmp_path: Path) -> None:
+    rows = tmp_path / "off.jsonl"
+    write_rows(rows, 3)
+    env = {**os.environ, "CELERY_BROKER_URL": "redis://:secret@127.0.0.1:1/0"}  # nothing listens
+    done = run(env, rows, "--manifest", tmp_path / "m.jsonl")
+    assert done.returncode == 2
+    assert "tts-backfill: cannot reach the broker at redis://:**@127.0.0.1:1/0" in done.stderr
+    assert "nothing sent" in done.stderr and "secret" not in done.stderr
+    assert done.stdout == ""  # no summary of a run that never started
 
 
 def test_published_messages_show_shortened_fields(

@@ -9,21 +9,20 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
 import redis
-from celery import Celery
 from kombu.exceptions import OperationalError
 
-from producer.app import BACKFILL_QUEUE, create_app
+from producer.app import BACKFILL_QUEUE
 from producer.backfill import naming
 from producer.backfill.broker import Publisher
+from producer.backfill.connect import Connections
 from producer.backfill.guard import Guard
 from producer.backfill.manifest import ManifestBusy, ManifestIndex, ManifestWriter, record
 from producer.backfill.progress import Progress, Tally
-from producer.backfill.results import ResultReader
 from producer.backfill.rows import InvalidRow, Row, RowReader, input_format
 from producer.backfill.runner import Backfill, Options
 from producer.config import ConfigError, ProducerConfig
@@ -76,23 +75,35 @@ class _Setup:
     reader: RowReader
     namespace: str
     config: ProducerConfig
-    index: ManifestIndex
+    index: ManifestIndex = field(default_factory=ManifestIndex)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 all completed, 1 rows failed or invalid,
-    2 nothing could be done, 130 interrupted)."""
+    """Run the command line; returns the exit status (0 all completed, 1 rows failed, invalid or in
+    conflict, 2 nothing could be done, 130 interrupted)."""
     args = parser().parse_args(argv)
     try:
+        return _main(args)
+    except KeyboardInterrupt:  # before sending began (handlers of their own while sending)
+        print("\ntts-backfill: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
         setup = _setup(args)
-    except (ConfigError, ValueError, OSError) as exc:
+        if args.dry_run:
+            setup.index = _load_index(args, setup.namespace)
+            return _dry_run(args, setup)
+        manifest = ManifestWriter(args.manifest)
+    except (ConfigError, ManifestBusy, ValueError, OSError) as exc:  # UnicodeDecodeError is a ValueError
         print(f"tts-backfill: {exc}", file=sys.stderr)
         return 2
     try:
-        if args.dry_run:
-            return _dry_run(args, setup)
-        manifest = ManifestWriter(args.manifest)
-    except (ManifestBusy, OSError, UnicodeDecodeError) as exc:
+        # Read under the lock, so that the last writer's last lines are in it.
+        setup.index = _load_index(args, setup.namespace)
+    except (ValueError, OSError) as exc:
+        manifest.close()
         print(f"tts-backfill: {exc}", file=sys.stderr)
         return 2
     try:
@@ -113,7 +124,26 @@ def _setup(args: argparse.Namespace) -> _Setup:
         raise ValueError(f"{args.input}: no such file")
     fmt = input_format(args.input, args.format)
     reader = RowReader(args.input, fmt=fmt, namespace=namespace, max_text_chars=config.max_text_chars)
-    return _Setup(reader, namespace, config, ManifestIndex.load(args.manifest))
+    return _Setup(reader, namespace, config)
+
+
+def _load_index(args: argparse.Namespace, namespace: str) -> ManifestIndex:
+    """The manifest's index; refused when it was written under another namespace than the default
+    one now in use (the default rule changed, or INPUT was renamed) and none is given."""
+    index = ManifestIndex.load(args.manifest)
+    if index.unreadable_lines:
+        print(
+            f"tts-backfill: {args.manifest}: {index.unreadable_lines} unreadable lines skipped "
+            "(a line torn by a crash; the rows on it are looked up again)",
+            file=sys.stderr,
+        )
+    if args.namespace is None and index.namespace not in (None, namespace):
+        raise ValueError(
+            f"{args.manifest} records task ids of namespace {index.namespace!r}, but the default "
+            f"namespace of {args.input} is {namespace!r}: pass --namespace {index.namespace} to go on "
+            f"with that run (or --namespace {namespace} to go on under the new name)"
+        )
+    return index
 
 
 def _validate(
@@ -162,12 +192,13 @@ def _run(args: argparse.Namespace, setup: _Setup, manifest: ManifestWriter) -> i
     before = os.stat(args.input)
     tally, skip = _validate(args, setup, manifest)
     after = os.stat(args.input)
+    validated, setup.reader.digest = setup.reader.digest, None
     try:
         if tally.invalid and args.strict:
             raise ValueError(f"{tally.invalid} invalid rows and --strict: nothing sent")
-        if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+        if _changed(before, after):
             raise ValueError(f"{args.input} changed while it was read; nothing sent")
-        app, results = _connect(setup.config)
+        links = Connections.open(setup.config)
     except ValueError as exc:
         print(f"tts-backfill: {exc}", file=sys.stderr)
         return 2
@@ -178,28 +209,40 @@ def _run(args: argparse.Namespace, setup: _Setup, manifest: ManifestWriter) -> i
     )
     failed_with: int | None = None
     try:
-        _send(args, setup, (app, results), manifest, tally, _rows_to_send(args, setup, skip))
+        _send(args, setup, links, manifest, tally, _rows_to_send(args, setup, skip))
     except (redis.RedisError, OperationalError, OSError) as exc:
         print(f"tts-backfill: stopped: {exc}; run the same command again to resume", file=sys.stderr)
         tally.interrupted, failed_with = True, 2
     except KeyboardInterrupt:  # a second Ctrl-C
         tally.interrupted = True
     finally:
-        app.close()
+        links.close()
     print(tally.summary(queue=args.queue, priority=args.priority))
+    if _changed_since_validation(args.input, after, validated, setup.reader.digest):
+        print(
+            f"tts-backfill: {args.input} changed after it was validated: the rows sent are not all "
+            "the rows checked; check the manifest, then run the same command again",
+            file=sys.stderr,
+        )
+        return 2
     return tally.exit_status() if failed_with is None else failed_with
 
 
-def _connect(config: ProducerConfig) -> tuple[Celery, ResultReader]:
-    """The app that publishes, and the reader of results; both must be Redis."""
-    if not config.broker_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(f"tts-backfill needs a Redis broker (CELERY_BROKER_URL={config.broker_url!r})")
-    app = create_app(config, name="tts-backfill")
+def _changed_since_validation(
+    path: Path, after: os.stat_result, validated: str | None, sent: str | None
+) -> bool:
+    """Whether the sending pass read another INPUT than the one validated (a row changed in between
+    went out without the duplicate checks): by digest once it read to the end, else by size and time."""
+    if sent is not None:
+        return sent != validated
     try:
-        return app, ResultReader(app)
-    except ValueError:
-        app.close()
-        raise
+        return _changed(after, os.stat(path))
+    except OSError:
+        return True
+
+
+def _changed(before: os.stat_result, after: os.stat_result) -> bool:
+    return (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns)
 
 
 def _rows_to_send(args: argparse.Namespace, setup: _Setup, skip: set[int]) -> Iterator[Row]:
@@ -213,11 +256,10 @@ def _rows_to_send(args: argparse.Namespace, setup: _Setup, skip: set[int]) -> It
 
 
 def _send(
-    args: argparse.Namespace, setup: _Setup, connected: tuple[Celery, ResultReader], manifest: ManifestWriter,
-    tally: Tally, rows: Iterator[Row],
+    args: argparse.Namespace, setup: _Setup, links: Connections, manifest: ManifestWriter, tally: Tally,
+    rows: Iterator[Row],
 ) -> None:  # fmt: skip
-    app, results = connected
-    broker = redis.Redis.from_url(setup.config.broker_url)
+    app, results, broker = links.app, links.results, links.broker
     options = Options(
         namespace=setup.namespace, queue=args.queue, priority=args.priority, max_in_flight=args.max_in_flight,
         retry_failed=args.retry_failed, lease_s=args.lease_seconds,
@@ -236,7 +278,6 @@ def _send(
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         progress.close()
-        broker.close()
 
 
 def _on_signals(stop: threading.Event) -> dict[int, signal._HANDLER]:
