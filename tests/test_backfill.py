@@ -637,6 +637,34 @@ def test_inputs_sharing_a_namespace_get_no_audio_of_each_other(
 
 
 @pytest.mark.slow
+def test_rows_in_flight_stay_within_the_bound(pair: Pair, redis_client: redis.Redis, tmp_path: Path) -> None:
+    """Sampled from outside while it runs: rows claimed but not yet in the manifest (claims read
+    first, so a sample never overcounts), and messages waiting in the queue."""
+    rows, manifest = tmp_path / "bound.jsonl", tmp_path / "bound.manifest.jsonl"
+    ids = write_rows(rows, 40)
+    backfill = subprocess.Popen(
+        cli(rows, "--manifest", manifest, "--max-in-flight", "3"), env=pair.env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    queues = [BACKFILL_QUEUE] + [f"{BACKFILL_QUEUE}\x06\x16{step}" for step in (3, 6, 9)]
+    broker = redis.Redis.from_url(pair.env["CELERY_BROKER_URL"])
+    in_flight, waiting, claimed = [], [], 0
+    while backfill.poll() is None:
+        claims = len(broker.keys("tts-backfill:bound:row:*"))
+        claimed = max(claimed, claims)
+        recorded = len(manifest.read_text().splitlines()) if manifest.exists() else 0
+        in_flight.append(claims - recorded)
+        waiting.append(sum(int(broker.llen(q)) for q in queues))
+        time.sleep(0.01)
+    broker.close()
+    out, err = backfill.communicate()
+    assert backfill.returncode == 0, err
+    assert in_flight and max(in_flight) <= 3 and max(waiting) <= 3
+    assert claimed > 0  # the sampler looked where the run works (claims stay until the run ends)
+    assert sorted(final(manifest)) == sorted(ids) and sent(out) == 40
+
+
+@pytest.mark.slow
 def test_a_killed_run_then_a_rerun_completes_every_row_once(
     pair: Pair, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
@@ -798,20 +826,23 @@ def test_failed_rows_are_sent_again_only_when_asked(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("priority", [9, 0])
 def test_interactive_jobs_overtake_a_backfill_backlog(
-    slow_worker: WorkerHandle, redis_client: redis.Redis
+    slow_worker: WorkerHandle, redis_client: redis.Redis, priority: int
 ) -> None:
-    """A worker reads `tts` before `tts.backfill`, and backfill goes at priority 9, so the interactive
-    job sent last is served as soon as the running backfill job ends."""
-    publisher = Publisher(slow_worker.app, queue=BACKFILL_QUEUE, priority=9)
-    backlog = [f"backfill:prio:{i}" for i in range(3)]
+    """A worker started with no flags reads `tts` before `tts.backfill` at each priority step, so the
+    interactive job sent last is served as soon as the running backfill job ends: behind backfill's
+    default priority 9, and by the queue order alone at the same priority as the interactive job (0)."""
+    publisher = Publisher(slow_worker.app, queue=BACKFILL_QUEUE, priority=priority)
+    backlog = [f"backfill:prio{priority}:{i}" for i in range(3)]
     # The first job runs for a few seconds: time enough to send the interactive one while it runs.
     texts = ["A backfill job that keeps the only worker busy for a few seconds. " * 2] + [
         "A backfill job of one second."
     ] * 2
     publisher.publish(
-        [(t, {"text": text, "output_format": "wav"}) for t, text in zip(backlog, texts, strict=True)]
-    )
+        [(t, {"text": text, "output_format": "wav", "session_id": t.replace(":", "-")})
+         for t, text in zip(backlog, texts, strict=True)]
+    )  # fmt: skip
     wait_for_state(backlog[0], slow_worker)
     interactive = slow_worker.tts.delay(text="Me first.", output_format="wav")
     interactive.get(timeout=60)
