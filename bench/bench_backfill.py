@@ -54,14 +54,15 @@ def texts(count: int) -> list[dict[str, object]]:
 
 def plain_loop(tts: TTSTask, rows: list[dict[str, object]], tag: str) -> None:
     for i, fields in enumerate(rows):
-        tts.apply_async(kwargs=fields, task_id=f"plain:{tag}:{i}", queue=BACKFILL_QUEUE, priority=PRIORITY)
+        # A task id that names the audio (no session_id) must be a plain name: no colons.
+        tts.apply_async(kwargs=fields, task_id=f"plain-{tag}-{i}", queue=BACKFILL_QUEUE, priority=PRIORITY)
 
 
 def backfill_path(backfill: Backfill, rows: list[dict[str, object]], tag: str) -> None:
     for start in range(0, len(rows), BATCH):
         chunk = [
             Row(line=start + i, row_id=f"{tag}-{start + i}", name=f"{tag}-{start + i}",
-                message=parse_request(fields).to_message())
+                message={**parse_request(fields).to_message(), "session_id": f"bench.{tag}-{start + i}"})
             for i, fields in enumerate(rows[start : start + BATCH])
         ]  # fmt: skip
         backfill._settle(chunk, retry_failed=False)
@@ -90,6 +91,7 @@ def bench_enqueue(url: str, workdir: Path, count: int, runs: int) -> None:
         run(tag)
         elapsed = time.perf_counter() - started
         client.flushdb()  # keep the queue from growing across runs
+        backfill.guard.start()  # the lease went with it
         return elapsed
 
     (
