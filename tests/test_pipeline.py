@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -174,6 +175,37 @@ def test_unreadable_text_is_a_permanent_error(services: Services, job_id: str) -
 
     with pytest.raises(UnreadableText, match="chunk 1 of 1"):
         run_job(parse_request({"text": "…"}), replace(services, engine=Mute()), job_id=job_id)
+
+
+def test_the_encoder_has_the_first_chunk_while_the_next_is_spoken(
+    settings: Settings, tmp_path: Path, job_id: str
+) -> None:
+    """ffmpeg is fed as the audio becomes final, not once the whole text is spoken."""
+    fed = tmp_path / "fed.pcm"
+    spy = tmp_path / "ffmpeg"  # ffmpeg behind a tee that keeps what reached its stdin
+    spy.write_text(f'#!/bin/sh\ntee {fed} | exec ffmpeg "$@"\n')
+    spy.chmod(0o755)
+    seen_before: list[int] = []
+
+    class Watching(ToneEngine):
+        def synthesize(self, text: str, voice: VoiceInputs, options: GenerationOptions = NO_OPTIONS) -> Audio:
+            if seen_before:  # from the second chunk on: wait (a while at most) for the first to arrive
+                deadline = time.monotonic() + 30
+                while not (fed.exists() and fed.stat().st_size) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                seen_before.append(fed.stat().st_size if fed.exists() else 0)
+            else:
+                seen_before.append(-1)
+            return super().synthesize(text, voice, options)
+
+    spied = replace(settings, ffmpeg_binary=str(spy))
+    services = Services(settings=spied, engine=Watching(), storage=S3Storage(spied))
+    result = run_job(parse_request({"text": TEXT, "max_chars_per_chunk": 50}), services, job_id=job_id)
+    first, *later = seen_before
+    assert first == -1 and len(later) == 2
+    assert later[0] > 0  # the first chunk's samples (less the crossfade held back) were with ffmpeg
+    assert fed.stat().st_size == 2 * (sum(TONE_SAMPLES) - 2 * 2205)  # then every sample, once
+    assert result["metadata"]["duration"] == pytest.approx(fed.stat().st_size / 2 / 22050, abs=0.001)
 
 
 def test_no_object_under_the_final_key_when_encoding_fails(

@@ -20,15 +20,12 @@ from typing import Any
 import numpy as np
 import pytest
 import runpod
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from runpod.serverless.modules import rp_http, rp_scale
 
+from tests.test_audio import join_chunks
 from tts_worker import health, runpod_handler, runtime
-from tts_worker.audio import join_chunks
 from tts_worker.engines.base import NO_OPTIONS, Audio, GenerationOptions, VoiceInputs
 from tts_worker.engines.tone import ToneEngine
-from tts_worker.streaming import StreamJoiner
 
 TEXT = "The first sentence is here. The second one follows it! And a third, to be sure?"
 NO_BROKER = "redis://127.0.0.1:1/0"  # nothing listens there: the shim must not need it
@@ -154,21 +151,6 @@ def test_a_stream_takes_the_seed_s_fields_and_always_chunks_as_the_seed_did(shim
 def pcm_of(messages: list[dict[str, Any]]) -> Audio:
     """The samples of a stream's `streaming` messages, laid end to end."""
     return np.concatenate([np.frombuffer(base64.b64decode(m["audio_chunk"]), "<i2") for m in messages])
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    lengths=st.lists(st.integers(min_value=0, max_value=3000), min_size=1, max_size=6),
-    crossfade_ms=st.integers(min_value=0, max_value=2000),
-)
-def test_streamed_pieces_add_up_to_the_joined_audio(lengths: list[int], crossfade_ms: int) -> None:
-    rng = np.random.default_rng(len(lengths) * 1000 + crossfade_ms)
-    chunks = [rng.integers(-20000, 20000, n).astype(np.int16) for n in lengths]
-    joiner = StreamJoiner(sample_rate=22050, crossfade_ms=crossfade_ms)
-    pieces = [joiner.push(chunk) for chunk in chunks] + [joiner.flush()]
-    assert np.array_equal(
-        np.concatenate(pieces), join_chunks(chunks, sample_rate=22050, crossfade_ms=crossfade_ms)
-    )
 
 
 def test_the_health_check_reports_each_part_and_skips_the_broker(shim: None) -> None:

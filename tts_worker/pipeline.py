@@ -1,6 +1,8 @@
 """The synthesis pipeline: chunk -> synthesize -> join -> encode -> store, as plain Python.
 
 No Celery here: the Celery task and the RunPod handler are both thin callers of `run_job`.
+Encoding overlaps synthesis: each chunk's audio goes to ffmpeg as soon as the crossfade with the
+next can no longer change it, so a long job's encode mostly happens while later chunks are spoken.
 Jobs are idempotent: the object key is deterministic and records the job id, so a job delivered
 again after its worker died (or after the visibility timeout) returns the stored result instead of
 synthesising twice.
@@ -16,14 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from producer.errors import UnreadableText
 from producer.formats import FORMATS, AudioFormat
 from producer.schema import TTSRequest, object_name
-from tts_worker.audio import join_chunks
+from tts_worker.audio import StreamJoiner
 from tts_worker.chunking import split_text
-from tts_worker.encoding import encode
+from tts_worker.encoding import Encoder
 from tts_worker.engines import Audio, Engine, GenerationOptions, VoiceInputs
 from tts_worker.settings import Settings
 from tts_worker.storage import Storage
@@ -62,14 +62,15 @@ def run_job(
 
     started = time.perf_counter()
     chunks = text_chunks(request)
-    audio = _synthesize(chunks, request, services.engine, voice, on_progress)
-    synthesized = time.perf_counter()
-    data = encode(
-        audio, input_rate=services.engine.sample_rate, fmt=fmt, sample_rate=request.effective_sample_rate,
+    with Encoder(
+        input_rate=services.engine.sample_rate, fmt=fmt, sample_rate=request.effective_sample_rate,
         bitrate=request.effective_bitrate, ffmpeg=settings.ffmpeg_binary,
-    )  # fmt: skip
+    ) as encoder:  # fmt: skip
+        samples = _synthesize(chunks, request, services.engine, voice, on_progress, encoder.write)
+        synthesized = time.perf_counter()
+        data = encoder.finish()
     encoded = time.perf_counter()
-    meta = _metadata(request, services.engine, fmt, audio=audio, chunks=len(chunks))
+    meta = _metadata(request, services.engine, fmt, samples=samples, chunks=len(chunks))
     meta["timings"] = {
         "synthesis_s": round(synthesized - started, 3),
         "encode_s": round(encoded - synthesized, 3),
@@ -119,15 +120,23 @@ def _synthesize(
     engine: Engine,
     voice: VoiceInputs,
     on_progress: ProgressCallback | None,
-) -> np.ndarray:
+    write: Callable[[Audio], None],
+) -> int:
+    """Speak the chunks in turn, crossfaded, handing each sample to `write` as soon as it is final (so
+    the encoder works while the next chunk is spoken). Returns how many samples were written."""
     options = generation_options(request)
-    pieces = []
+    crossfade = request.crossfade_ms if request.enable_crossfade else 0
+    joiner = StreamJoiner(sample_rate=engine.sample_rate, crossfade_ms=crossfade)
+    samples = 0
     for index in range(len(chunks)):
-        pieces.append(speak(engine, chunks, index, voice, options))
+        ready = joiner.push(speak(engine, chunks, index, voice, options))
+        write(ready)
+        samples += len(ready)
         if on_progress:
             on_progress(index + 1, len(chunks))
-    crossfade = request.crossfade_ms if request.enable_crossfade else 0
-    return join_chunks(pieces, sample_rate=engine.sample_rate, crossfade_ms=crossfade)
+    rest = joiner.flush()
+    write(rest)
+    return samples + len(rest)
 
 
 def speak(
@@ -175,13 +184,13 @@ def generation_options(request: TTSRequest) -> GenerationOptions:
 
 
 def _metadata(
-    request: TTSRequest, engine: Engine, fmt: AudioFormat, *, audio: np.ndarray, chunks: int
+    request: TTSRequest, engine: Engine, fmt: AudioFormat, *, samples: int, chunks: int
 ) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "sample_rate": request.effective_sample_rate,
         "codec": fmt.name,
         "bitrate": request.effective_bitrate,
-        "duration": round(len(audio) / engine.sample_rate, 3),
+        "duration": round(samples / engine.sample_rate, 3),
         "device": engine.device,
         "engine": engine.name,
         "chunks": chunks,

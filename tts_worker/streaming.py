@@ -5,8 +5,8 @@ the first piece leaves as soon as the first chunk exists. Pieces are at the engi
 for IndexTTS2 and Piper), which every message states in `sample_rate`, as the seed's did; resampling
 piece by piece would put a filter edge at every seam.
 
-Crossfades follow `join_chunks` exactly: each piece holds back the samples that the next chunk may
-still blend with, so the pieces laid end to end equal the batch pipeline's joined audio.
+Crossfades are the batch pipeline's (`StreamJoiner`): each piece holds back the samples that the
+next chunk may still blend with, so the pieces laid end to end equal the audio a batch job encodes.
 """
 
 from __future__ import annotations
@@ -16,47 +16,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from producer.schema import TTSRequest
-from tts_worker.audio import crossfade, to_int16
+from tts_worker.audio import StreamJoiner
 from tts_worker.engines import Audio
 from tts_worker.pipeline import Services, generation_options, speak, text_chunks, voice_inputs
 
-__all__ = ["PCM_FORMAT", "StreamJoiner", "stream_pcm"]
+__all__ = ["PCM_FORMAT", "stream_pcm"]
 
 PCM_FORMAT = "pcm_16"
 """The seed's name for mono signed 16-bit little-endian PCM."""
-
-
-class StreamJoiner:
-    """Crossfades chunks as they arrive and hands out every sample that no later chunk can change."""
-
-    def __init__(self, *, sample_rate: int, crossfade_ms: int) -> None:
-        self._crossfade = crossfade_ms * sample_rate // 1000
-        self._held: npt.NDArray[np.float32] = np.zeros(0, dtype=np.float32)
-        self._joined = 0  # samples joined so far, handed out or held
-
-    def push(self, chunk: Audio) -> Audio:
-        """Join one chunk; returns the samples that are final now (possibly none)."""
-        if len(chunk) == 0:
-            return np.zeros(0, dtype=np.int16)
-        tail = chunk.astype(np.float32)
-        if self._joined:
-            # As join_chunks: the overlap is capped by half of each side (the held part already is).
-            overlap = min(len(self._held), len(tail) // 2)
-            tail = crossfade(self._held, tail, overlap)
-            self._joined += len(chunk) - overlap
-        else:
-            self._joined = len(chunk)
-        keep = min(self._crossfade, self._joined // 2)
-        ready, self._held = tail[: len(tail) - keep], tail[len(tail) - keep :]
-        return to_int16(ready)
-
-    def flush(self) -> Audio:
-        """The samples still held back (after the last chunk)."""
-        held, self._held = self._held, np.zeros(0, dtype=np.float32)
-        return to_int16(held)
 
 
 def stream_pcm(
