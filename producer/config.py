@@ -8,9 +8,19 @@ from dataclasses import dataclass
 
 from producer.schema import MAX_TEXT_CHARS
 
-__all__ = ["ConfigError", "ProducerConfig"]
+__all__ = ["REDIS_SCHEMES", "ConfigError", "ProducerConfig", "is_redis_url"]
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+REDIS_SCHEMES = ("redis", "rediss")
+"""The broker and result backend URLs every part accepts: Redis over TCP or TLS. Celery takes others,
+but the worker's configuration (visibility timeouts, priorities) is Redis's, and the metrics, the
+health check and tts-backfill talk to Redis themselves through redis-py."""
+
+
+def is_redis_url(url: str) -> bool:
+    """Whether `url` is a broker or result backend URL of a scheme in REDIS_SCHEMES."""
+    scheme, separator, _ = url.partition("://")
+    return bool(separator) and scheme in REDIS_SCHEMES
 
 
 class ConfigError(ValueError):

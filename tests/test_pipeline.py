@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 import urllib.request
 from dataclasses import replace
@@ -20,8 +22,10 @@ from producer.errors import (
     UnknownVoice,
     UnreadableText,
 )
+from producer.formats import FORMATS
 from producer.schema import parse_request
 from tts_worker.chunking import split_text
+from tts_worker.encoding import Encoder
 from tts_worker.engines.base import NO_OPTIONS, Audio, GenerationOptions, VoiceInputs
 from tts_worker.engines.tone import ToneEngine
 from tts_worker.pipeline import Services, run_job, text_chunks
@@ -111,6 +115,16 @@ def test_a_redelivered_job_returns_the_stored_result_without_synthesising(
     # Another job reusing the session id is new work, not a redelivery: it replaces the audio.
     run_job(parse_request({"text": TEXT, "session_id": job_id}), counted, job_id="other-job")
     assert Counting.calls == 2
+
+
+def test_metadata_that_cannot_be_read_means_the_job_is_done_again(services: Services, job_id: str) -> None:
+    """Say, an object stored before the metadata was JSON: synthesise again rather than fail."""
+    services.storage.put(f"{job_id}.ogg", b"old", content_type="audio/ogg",
+                         metadata={"job-id": job_id, "codec": "opus", "duration": "1.5"})  # fmt: skip
+    result = run_job(parse_request({"text": "Hi."}), services, job_id=job_id)
+    assert "reused" not in result["metadata"] and result["metadata"]["codec"] == "opus"
+    with urllib.request.urlopen(result["url"]) as response:
+        assert response.read(4) == b"OggS"  # replaced by the new audio
 
 
 def test_voice_inputs_are_checked_and_the_result_says_they_were_not_cloned(
@@ -206,6 +220,49 @@ def test_the_encoder_has_the_first_chunk_while_the_next_is_spoken(
     assert later[0] > 0  # the first chunk's samples (less the crossfade held back) were with ffmpeg
     assert fed.stat().st_size == 2 * (sum(TONE_SAMPLES) - 2 * 2205)  # then every sample, once
     assert result["metadata"]["duration"] == pytest.approx(fed.stat().st_size / 2 / 22050, abs=0.001)
+
+
+def test_a_failed_synthesis_leaves_no_encoder_behind(settings: Settings, tmp_path: Path, job_id: str) -> None:
+    pid_file = tmp_path / "ffmpeg.pid"
+    spy = tmp_path / "ffmpeg"
+    spy.write_text(f'#!/bin/sh\necho $$ > {pid_file}\nexec ffmpeg "$@"\n')
+    spy.chmod(0o755)
+    sessions: list[int] = []
+
+    class FailingSecond(ToneEngine):
+        calls = 0
+
+        def synthesize(self, text: str, voice: VoiceInputs, options: GenerationOptions = NO_OPTIONS) -> Audio:
+            FailingSecond.calls += 1
+            if FailingSecond.calls == 1:
+                return super().synthesize(text, voice, options)
+            pid = int(pid_file.read_text())
+            sessions.append(os.getsid(pid))
+            return np.zeros(0, dtype=np.int16)  # unreadable: the job fails here
+
+    threads = threading.active_count()
+    spied = replace(settings, ffmpeg_binary=str(spy))
+    services = Services(settings=spied, engine=FailingSecond(), storage=S3Storage(spied))
+    with pytest.raises(UnreadableText, match="chunk 2 of 3"):
+        run_job(parse_request({"text": TEXT, "max_chars_per_chunk": 50}), services, job_id=job_id)
+    pid = int(pid_file.read_text())
+    assert sessions == [pid]  # ffmpeg led a session of its own: the worker's Ctrl-C does not reach it
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # stopped and reaped
+    assert threading.active_count() == threads
+
+
+def test_an_encoder_that_ends_early_fails_the_next_write(tmp_path: Path) -> None:
+    """A bad option ends ffmpeg at once: the job learns it then, not after speaking every chunk."""
+    broken = tmp_path / "ffmpeg"
+    broken.write_text("#!/bin/sh\necho 'Unrecognized option' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    with Encoder(input_rate=22050, fmt=FORMATS["opus"], sample_rate=24000, bitrate="64k",
+                 ffmpeg=str(broken)) as encoder:  # fmt: skip
+        assert encoder._pipe is not None
+        encoder._pipe._process.wait()  # as a job's ffmpeg would have while the first chunk is spoken
+        with pytest.raises(EncodingError, match="status 1: Unrecognized option"):
+            encoder.write(np.ones(100, dtype=np.int16))
 
 
 def test_no_object_under_the_final_key_when_encoding_fails(

@@ -110,9 +110,13 @@ class _FfmpegPipe:
             *options, "pipe:1",
         ]  # fmt: skip
         try:
+            # A session of its own: it lives as long as the synthesis, and a Ctrl-C or SIGTERM sent to
+            # the worker's process group (a terminal, `kill -- -pgid`) must not end it under a job the
+            # worker is finishing.
             self._process = subprocess.Popen(
-                self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-            )
+                self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True,
+            )  # fmt: skip
         except OSError as exc:
             raise EncodingError(f"cannot run ffmpeg ({ffmpeg!r}): {exc}") from None
         self._pending: queue.Queue[bytes | None] = queue.Queue()
@@ -124,10 +128,18 @@ class _FfmpegPipe:
             threading.Thread(target=_collect, args=(self._process.stdout, self._out), daemon=True),
             threading.Thread(target=_collect, args=(self._process.stderr, self._err), daemon=True),
         ]
-        for thread in self._threads:
-            thread.start()
+        try:
+            for thread in self._threads:
+                thread.start()
+        except BaseException:
+            self._process.kill()
+            self._process.wait()
+            raise
 
     def write(self, audio: Audio) -> None:
+        if self._process.poll() is not None:  # ended early (a bad option): say why now, not at the end
+            self.finish()
+            raise EncodingError(f"ffmpeg ended before its input did (command: {' '.join(self.command)})")
         self._pending.put(audio.astype("<i2").tobytes())
 
     def finish(self) -> bytes:

@@ -57,8 +57,8 @@ def run_job(
 
     voice = voice_inputs(request, settings)
     stored = services.storage.metadata(key)
-    if stored is not None and stored.get("job-id") == job_id:
-        return _result(services, key=key, filename=filename, expires=expires, meta=_decode_meta(stored))
+    if stored is not None and stored.get("job-id") == job_id and (reused := _decode_meta(stored)):
+        return _result(services, key=key, filename=filename, expires=expires, meta=reused)
 
     started = time.perf_counter()
     chunks = text_chunks(request)
@@ -208,10 +208,14 @@ def _encode_meta(meta: dict[str, Any], job_id: str) -> dict[str, str]:
     return {"job-id": job_id, **{key.replace("_", "-"): json.dumps(value) for key, value in meta.items()}}
 
 
-def _decode_meta(stored: dict[str, str]) -> dict[str, Any]:
-    """The result metadata recorded with the audio. Its timings are those of the delivery that made
-    it; nothing was uploaded this time, so `upload_s` is 0."""
-    meta = {key.replace("-", "_"): json.loads(value) for key, value in stored.items() if key != "job-id"}
+def _decode_meta(stored: dict[str, str]) -> dict[str, Any] | None:
+    """The result metadata recorded with the audio (None when it cannot be read: the job is done again).
+    Its timings are those of the delivery that made it; nothing was uploaded this time, so `upload_s`
+    is 0."""
+    try:
+        meta = {key.replace("-", "_"): json.loads(value) for key, value in stored.items() if key != "job-id"}
+    except ValueError:
+        return None
     meta["timings"] = {**meta.get("timings", {}), "upload_s": 0.0}
     return {**meta, "reused": True}
 

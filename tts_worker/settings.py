@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from producer.config import DEFAULT_BROKER_URL
+from producer.config import DEFAULT_BROKER_URL, REDIS_SCHEMES
 from producer.schema import MAX_TEXT_CHARS
 
 __all__ = [
@@ -29,9 +29,6 @@ __all__ = [
 ENGINES = ("indextts2", "piper", "tone")
 OUTPUT_STORAGES = ("s3", "local")
 ATTN_BACKENDS = ("", "sage", "flash")
-REDIS_SCHEMES = ("redis", "rediss", "redis+socket")
-"""Celery's Redis transport and result backend: TCP, TLS, and a Unix socket (`redis+socket:///path`).
-The worker's configuration (visibility timeouts, priorities) is Redis's; no other broker is supported."""
 MAX_TEXT_TOKENS = 600
 """IndexTTS-2's `gpt.max_text_tokens` (its config.yaml): the GPT's text positions hold no longer segment."""
 _TOKENS_RULE = f"IndexTTS-2's gpt.max_text_tokens is {MAX_TEXT_TOKENS}"

@@ -15,7 +15,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from producer.app import create_app
 from producer.backfill.results import ResultReader
-from producer.config import ProducerConfig
+from producer.config import ProducerConfig, is_redis_url
 
 __all__ = ["CONNECT_TIMEOUT_S", "Connections", "Unreachable"]
 
@@ -38,7 +38,7 @@ class Connections:
     @classmethod
     def open(cls, config: ProducerConfig) -> Connections:
         """Connect and check; raises `Unreachable` (a `ValueError`) with nothing sent."""
-        if not config.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        if not is_redis_url(config.broker_url):
             raise Unreachable(f"tts-backfill needs a Redis broker (CELERY_BROKER_URL={config.broker_url!r})")
         app = create_app(config, name="tts-backfill")
         broker = redis.Redis.from_url(config.broker_url, socket_connect_timeout=CONNECT_TIMEOUT_S)
