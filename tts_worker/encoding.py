@@ -79,7 +79,8 @@ def encode(
     audio: Audio, *, input_rate: int, fmt: AudioFormat, sample_rate: int, bitrate: str | None,
     ffmpeg: str = "ffmpeg",
 ) -> bytes:  # fmt: skip
-    """Mono int16 `audio` at `input_rate` -> the bytes of a complete file in `fmt`, all at once."""
+    """Mono int16 `audio` at `input_rate` -> the bytes of a complete file in `fmt`, all at once (for
+    audio that is whole already; a job feeds an `Encoder` piece by piece instead)."""
     with Encoder(
         input_rate=input_rate, fmt=fmt, sample_rate=sample_rate, bitrate=bitrate, ffmpeg=ffmpeg
     ) as e:
