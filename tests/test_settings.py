@@ -92,6 +92,10 @@ def test_secrets_stay_out_of_repr() -> None:
             "CELERY_RESULT_BACKEND must be a Redis URL starting with redis://",
         ),
         ({**MINIMAL, "CLEANUP_DAYS": "-1"}, "CLEANUP_DAYS must be between"),
+        (
+            {**MINIMAL, "RETRY_BACKOFF_S": "600"},
+            "RETRY_BACKOFF_S must be between 1 and 300: the longest wait between retries (got '600')",
+        ),
         ({**MINIMAL, "TONE_RTF": "nan"}, "TONE_RTF must be between"),
         ({**MINIMAL, "METRICS_PORT": "http"}, "METRICS_PORT must be an integer"),
         ({**MINIMAL, "METRICS_PORT": "70000"}, "METRICS_PORT must be between 0 and 65535"),

@@ -19,6 +19,7 @@ from producer.schema import MAX_TEXT_CHARS
 __all__ = [
     "ATTN_BACKENDS",
     "ENGINES",
+    "MAX_RETRY_WAIT_S",
     "MAX_TEXT_TOKENS",
     "OUTPUT_STORAGES",
     "REDIS_SCHEMES",
@@ -29,6 +30,8 @@ __all__ = [
 ENGINES = ("indextts2", "piper", "tone")
 OUTPUT_STORAGES = ("s3", "local")
 ATTN_BACKENDS = ("", "sage", "flash")
+MAX_RETRY_WAIT_S = 300
+"""The longest wait between two retries of a transient error (the task's `retry_backoff_max`)."""
 MAX_TEXT_TOKENS = 600
 """IndexTTS-2's `gpt.max_text_tokens` (its config.yaml): the GPT's text positions hold no longer segment."""
 _TOKENS_RULE = f"IndexTTS-2's gpt.max_text_tokens is {MAX_TEXT_TOKENS}"
@@ -130,7 +133,9 @@ class Settings:
             task_time_limit_s=env.integer("TASK_TIME_LIMIT", 1800, low=1, high=86_400),
             visibility_timeout_s=env.integer("VISIBILITY_TIMEOUT", 3600, low=60, high=604_800),
             max_retries=env.integer("TASK_MAX_RETRIES", 5, low=0, high=100),
-            retry_backoff_s=env.integer("RETRY_BACKOFF_S", 5, low=1, high=3600),
+            retry_backoff_s=env.integer(
+                "RETRY_BACKOFF_S", 5, low=1, high=MAX_RETRY_WAIT_S, why="the longest wait between retries"
+            ),
             model_load_timeout_s=env.integer("MODEL_LOAD_TIMEOUT", 900, low=10, high=7200),
             ffmpeg_binary=env.text("FFMPEG_BINARY", "ffmpeg"),
             tone_rtf=env.number("TONE_RTF", 0.0, low=0.0, high=100.0),

@@ -31,6 +31,7 @@ from producer.errors import (
 from producer.schema import parse_request
 from tts_worker import runtime
 from tts_worker.pipeline import log_done, run_job, text_chunks
+from tts_worker.settings import MAX_RETRY_WAIT_S
 
 __all__ = ["MAX_PROCESS_ENDINGS", "UrlHidingRequest", "synthesize"]
 
@@ -60,7 +61,7 @@ class _SynthesisTask(Task[Any, dict[str, Any]]):
     bind=True,
     base=_SynthesisTask,
     autoretry_for=(TransientError,),
-    retry_backoff_max=300,
+    retry_backoff_max=MAX_RETRY_WAIT_S,
     retry_jitter=True,
 )  # max_retries and retry_backoff come from the settings, as task annotations (see tts_worker.celery)
 def synthesize(self: Task[Any, dict[str, Any]], *args: Any, **fields: Any) -> dict[str, Any]:
