@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from producer.config import DEFAULT_BROKER_URL, REDIS_SCHEMES
+from producer.config import DEFAULT_BROKER_URL, REDIS_SCHEMES, is_redis_url
 from producer.schema import MAX_TEXT_CHARS
 
 __all__ = [
@@ -22,7 +22,6 @@ __all__ = [
     "MAX_RETRY_WAIT_S",
     "MAX_TEXT_TOKENS",
     "OUTPUT_STORAGES",
-    "REDIS_SCHEMES",
     "Settings",
     "SettingsError",
 ]
@@ -178,9 +177,9 @@ class _Reader:
 
     def redis_url(self, name: str, default: str) -> str:
         value = self.text(name, default)
-        scheme = value.split("://", 1)[0] if "://" in value else ""
-        if scheme not in REDIS_SCHEMES:
+        if not is_redis_url(value):
             # Only the scheme is shown: the rest may hold a password.
+            scheme = value.split("://", 1)[0] if "://" in value else ""
             raise SettingsError(
                 f"{name} must be a Redis URL starting with "
                 f"{', '.join(s + '://' for s in REDIS_SCHEMES)} (got scheme {scheme or 'none'!r})"
