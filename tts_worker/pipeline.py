@@ -14,9 +14,11 @@ import json
 import logging
 import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from producer.errors import UnreadableText
 from producer.formats import FORMATS, AudioFormat
@@ -29,7 +31,15 @@ from tts_worker.settings import Settings
 from tts_worker.storage import Storage
 from tts_worker.voices import resolve_voice
 
-__all__ = ["Services", "generation_options", "log_done", "run_job", "speak", "text_chunks", "voice_inputs"]
+__all__ = [
+    "Services",
+    "generation_options",
+    "joined_pieces",
+    "log_done",
+    "run_job",
+    "text_chunks",
+    "voice_inputs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -122,24 +132,39 @@ def _synthesize(
     on_progress: ProgressCallback | None,
     write: Callable[[Audio], None],
 ) -> int:
-    """Speak the chunks in turn, crossfaded, handing each sample to `write` as soon as it is final (so
-    the encoder works while the next chunk is spoken). Returns how many samples were written."""
-    options = generation_options(request)
-    crossfade = request.crossfade_ms if request.enable_crossfade else 0
-    joiner = StreamJoiner(sample_rate=engine.sample_rate, crossfade_ms=crossfade)
+    """Speak the chunks in turn, handing each piece to `write` as soon as it is final (so the encoder
+    works while the next chunk is spoken). Returns how many samples were written."""
     samples = 0
-    for index in range(len(chunks)):
-        ready = joiner.push(speak(engine, chunks, index, voice, options))
-        write(ready)
-        samples += len(ready)
+    for done, piece in enumerate(joined_pieces(chunks, request, engine, voice), start=1):
+        write(piece)
+        samples += len(piece)
         if on_progress:
-            on_progress(index + 1, len(chunks))
-    rest = joiner.flush()
-    write(rest)
-    return samples + len(rest)
+            on_progress(done, len(chunks))
+    return samples
 
 
-def speak(
+def joined_pieces(
+    chunks: list[str],
+    request: TTSRequest,
+    engine: Engine,
+    voice: VoiceInputs,
+    *,
+    crossfade_ms: int | None = None,
+) -> Iterator[Audio]:
+    """The request's audio, crossfaded, one piece per chunk as soon as that chunk is spoken: each piece
+    holds the samples no later chunk can change, the last one what the joiner held back too.
+    `crossfade_ms` replaces the request's; `enable_crossfade: false` turns either off."""
+    options = generation_options(request)
+    chosen = request.crossfade_ms if crossfade_ms is None else crossfade_ms
+    joiner = StreamJoiner(
+        sample_rate=engine.sample_rate, crossfade_ms=chosen if request.enable_crossfade else 0
+    )
+    for index in range(len(chunks)):
+        piece = joiner.push(_speak(engine, chunks, index, voice, options))
+        yield np.concatenate([piece, joiner.flush()]) if index == len(chunks) - 1 else piece
+
+
+def _speak(
     engine: Engine, chunks: list[str], index: int, voice: VoiceInputs, options: GenerationOptions
 ) -> Audio:
     """Synthesise `chunks[index]`; raises `UnreadableText` when the engine makes no sound of it."""

@@ -15,12 +15,9 @@ import base64
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
-
 from producer.schema import TTSRequest
-from tts_worker.audio import StreamJoiner
 from tts_worker.engines import Audio
-from tts_worker.pipeline import Services, generation_options, speak, text_chunks, voice_inputs
+from tts_worker.pipeline import Services, joined_pieces, text_chunks, voice_inputs
 
 __all__ = ["PCM_FORMAT", "stream_pcm"]
 
@@ -35,16 +32,10 @@ def stream_pcm(
     `crossfade_ms` replaces the request's (the seed's `stream_crossfade_ms`, which may run to 2000 ms);
     `enable_crossfade: false` turns either off."""
     engine = services.engine
-    voice, options = voice_inputs(request, services.settings), generation_options(request)
-    chunks = text_chunks(request)
-    chosen = request.crossfade_ms if crossfade_ms is None else crossfade_ms
-    crossfade = chosen if request.enable_crossfade else 0
-    joiner = StreamJoiner(sample_rate=engine.sample_rate, crossfade_ms=crossfade)
+    voice = voice_inputs(request, services.settings)
     sent = samples = 0
-    for index in range(len(chunks)):
-        piece = joiner.push(speak(engine, chunks, index, voice, options))
-        if index == len(chunks) - 1:  # nothing follows: send what was held back with it, as the seed did
-            piece = np.concatenate([piece, joiner.flush()])
+    # The last piece carries what was held back for a crossfade, as the seed sent it.
+    for piece in joined_pieces(text_chunks(request), request, engine, voice, crossfade_ms=crossfade_ms):
         if len(piece):
             sent, samples = sent + 1, samples + len(piece)
             yield _pcm_message(piece, chunk=sent, sample_rate=engine.sample_rate)
