@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from producer.app import BACKFILL_QUEUE, INTERACTIVE_QUEUE, TASK_NAME, app, synthesize, tts
 from producer.errors import (
+    EncoderKilled,
     EncodingError,
     EngineUnusable,
     GPUOutOfMemory,
@@ -17,6 +18,7 @@ from producer.errors import (
     JobTimeLimitExceeded,
     PermanentError,
     PoisonedJob,
+    QueueUnavailable,
     StorageError,
     TransientError,
     TTSError,
@@ -29,6 +31,7 @@ __all__ = [
     "BACKFILL_QUEUE",
     "INTERACTIVE_QUEUE",
     "TASK_NAME",
+    "EncoderKilled",
     "EncodingError",
     "EngineUnusable",
     "GPUOutOfMemory",
@@ -36,6 +39,7 @@ __all__ = [
     "JobTimeLimitExceeded",
     "PermanentError",
     "PoisonedJob",
+    "QueueUnavailable",
     "StorageError",
     "TTSError",
     "TTSRequest",

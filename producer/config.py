@@ -11,6 +11,7 @@ from producer.schema import MAX_TEXT_CHARS
 __all__ = ["REDIS_SCHEMES", "ConfigError", "ProducerConfig", "is_redis_url"]
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
 REDIS_SCHEMES = ("redis", "rediss")
 """The broker and result backend URLs every part accepts: Redis over TCP or TLS. Celery takes others,
 but the worker's configuration (visibility timeouts, priorities) is Redis's, and the metrics, the
@@ -34,16 +35,29 @@ class ProducerConfig:
     broker_url: str = DEFAULT_BROKER_URL
     result_backend: str = DEFAULT_BROKER_URL
     max_text_chars: int = MAX_TEXT_CHARS
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    """How long enqueueing may try to reach Redis before it raises `QueueUnavailable`."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> ProducerConfig:
-        """Build from CELERY_BROKER_URL, CELERY_RESULT_BACKEND (defaults to the broker) and MAX_TEXT_CHARS."""
+        """Build from CELERY_BROKER_URL, CELERY_RESULT_BACKEND (defaults to the broker), MAX_TEXT_CHARS
+        and PRODUCER_CONNECT_TIMEOUT_S."""
         broker = environ.get("CELERY_BROKER_URL") or DEFAULT_BROKER_URL
         raw_limit = environ.get("MAX_TEXT_CHARS") or str(MAX_TEXT_CHARS)
         if not raw_limit.isdigit() or int(raw_limit) < 1:
             raise ConfigError(f"MAX_TEXT_CHARS must be a positive integer (got {raw_limit!r})")
+        raw_timeout = environ.get("PRODUCER_CONNECT_TIMEOUT_S") or str(DEFAULT_CONNECT_TIMEOUT_S)
+        try:
+            timeout = float(raw_timeout)
+        except ValueError:
+            timeout = -1.0
+        if not 1 <= timeout <= 300:
+            raise ConfigError(
+                f"PRODUCER_CONNECT_TIMEOUT_S must be a number of seconds from 1 to 300 (got {raw_timeout!r})"
+            )
         return cls(
             broker_url=broker,
             result_backend=environ.get("CELERY_RESULT_BACKEND") or broker,
             max_text_chars=int(raw_limit),
+            connect_timeout_s=timeout,
         )

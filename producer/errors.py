@@ -14,6 +14,8 @@ here because importing ``producer`` imports this module).
     │   └── PoisonedJob           the job poisoned the engine's device in several worker processes
     └── TransientError            retried with backoff, a bounded number of times
         ├── StorageError          S3 could not be reached or refused the request
+        ├── QueueUnavailable      the producer could not reach the broker (Redis) to enqueue
+        ├── EncoderKilled         ffmpeg was ended by a signal (the OOM killer), not by the audio
         ├── GPUOutOfMemory        CUDA ran out of memory, even after retrying with smaller segments
         └── EngineUnusable        the engine's device is poisoned (a CUDA device-side assert): the
                                   worker process must be replaced before the job runs again
@@ -24,6 +26,7 @@ Every class takes one message string, so that Celery can rebuild it on the clien
 from __future__ import annotations
 
 __all__ = [
+    "EncoderKilled",
     "EncodingError",
     "EngineUnusable",
     "GPUOutOfMemory",
@@ -31,6 +34,7 @@ __all__ = [
     "JobTimeLimitExceeded",
     "PermanentError",
     "PoisonedJob",
+    "QueueUnavailable",
     "StorageError",
     "TTSError",
     "TransientError",
@@ -82,6 +86,16 @@ class PoisonedJob(PermanentError):
 
 class StorageError(TransientError):
     """The object store could not be reached or refused a request."""
+
+
+class QueueUnavailable(TransientError):
+    """The producer could not reach the broker (or the result backend) to enqueue a job; nothing was
+    sent. The message names the broker, its password hidden; the same process can try again later."""
+
+
+class EncoderKilled(TransientError):
+    """ffmpeg was ended by a signal (most often the OOM killer): the audio was fine, so the job is
+    retried rather than failed as a bad request."""
 
 
 class GPUOutOfMemory(TransientError):

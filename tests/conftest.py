@@ -183,8 +183,11 @@ def piper_worker(start_worker: Callable[..., WorkerHandle]) -> WorkerHandle:
 
 @pytest.fixture(scope="session")
 def flaky_s3_worker(start_worker: Callable[..., WorkerHandle], dropping_proxy: str) -> WorkerHandle:
-    """A tone worker whose every upload is cut off: transient errors, retried twice, 1 s apart."""
-    return start_worker(S3_ENDPOINT_URL=dropping_proxy, TASK_MAX_RETRIES="2", RETRY_BACKOFF_S="1")
+    """A tone worker whose every upload is cut off: tried again in place for 1 s, then the job is
+    retried twice, 1 s apart."""
+    return start_worker(
+        S3_ENDPOINT_URL=dropping_proxy, STORAGE_RETRY_S="1", TASK_MAX_RETRIES="2", RETRY_BACKOFF_S="1"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -11,9 +13,9 @@ import numpy as np
 import pytest
 import soundfile
 
-from producer.errors import EncodingError
+from producer.errors import EncoderKilled, EncodingError, TransientError
 from producer.formats import FORMATS
-from tts_worker.encoding import encode, resample
+from tts_worker.encoding import Encoder, encode, resample
 from tts_worker.engines.base import VoiceInputs
 from tts_worker.engines.tone import ToneEngine
 
@@ -123,3 +125,27 @@ def test_missing_ffmpeg_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(EncodingError, match="cannot run ffmpeg"):
         encode(AUDIO, input_rate=22050, fmt=FORMATS["mp3"], sample_rate=24000, bitrate="64k",
                ffmpeg=str(tmp_path / "no-ffmpeg"))  # fmt: skip
+
+
+def children_named(parent: int, name: str) -> list[int]:
+    """Pids of `parent`'s child processes running `name` (read from /proc, as `pgrep -P` would)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue  # gone meanwhile
+        command, ppid = fields[0].split("(", 1)[1], int(fields[1].split()[1])
+        if ppid == parent and command == name:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_ffmpeg_ended_by_a_signal_is_transient_not_a_bad_request() -> None:
+    with Encoder(input_rate=22050, fmt=FORMATS["opus"], sample_rate=24000, bitrate="64k") as encoder:
+        encoder.write(AUDIO)
+        [ffmpeg] = children_named(os.getpid(), "ffmpeg")
+        os.kill(ffmpeg, signal.SIGKILL)  # as the OOM killer does
+        with pytest.raises(EncoderKilled, match="ended by SIGKILL") as caught:
+            encoder.finish()
+    assert isinstance(caught.value, TransientError) and not isinstance(caught.value, EncodingError)

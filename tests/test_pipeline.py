@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -280,14 +281,19 @@ def test_no_object_under_the_final_key_when_encoding_fails(
 
 
 def test_no_object_under_the_final_key_when_the_upload_breaks(
-    settings: Settings, s3: Any, dropping_proxy: str, job_id: str
+    settings: Settings, s3: Any, dropping_proxy: str, job_id: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    flaky = replace(settings, s3_endpoint_url=dropping_proxy)
+    flaky = replace(settings, s3_endpoint_url=dropping_proxy, storage_retry_s=2)
     services = Services(settings=flaky, engine=ToneEngine(), storage=S3Storage(flaky))
-    with pytest.raises(StorageError, match=f"upload {job_id}.ogg") as caught:
+    with (
+        caplog.at_level(logging.WARNING, logger="tts_worker.storage"),
+        pytest.raises(StorageError, match=f"upload {job_id}.ogg") as caught,
+    ):
         run_job(parse_request({"text": TEXT}), services, job_id=job_id)
     assert isinstance(caught.value, TransientError)  # so the task retries it
     assert keys(s3, job_id) == []
+    # Tried again in place (the audio kept) until STORAGE_RETRY_S ran out, before giving up.
+    assert any(f"could not upload {job_id}.ogg" in m and "trying again" in m for m in caplog.messages)
 
 
 def test_wav_output_is_a_complete_file(services: Services, job_id: str, tmp_path: Path) -> None:

@@ -77,9 +77,9 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str, str]] = [
 def test_public_api_is_pinned() -> None:
     assert sorted(producer.__all__) == sorted(
         [
-            "BACKFILL_QUEUE", "INTERACTIVE_QUEUE", "TASK_NAME", "EncodingError", "EngineUnusable",
-            "GPUOutOfMemory", "InvalidRequest",
-            "JobTimeLimitExceeded", "PermanentError", "PoisonedJob", "StorageError", "TTSError", "TTSRequest",
+            "BACKFILL_QUEUE", "INTERACTIVE_QUEUE", "TASK_NAME", "EncoderKilled", "EncodingError",
+            "EngineUnusable", "GPUOutOfMemory", "InvalidRequest", "JobTimeLimitExceeded", "PermanentError",
+            "PoisonedJob", "QueueUnavailable", "StorageError", "TTSError", "TTSRequest",
             "TransientError", "UnknownVoice", "UnreadableText", "app", "parse_request", "synthesize", "tts",
         ]
     )  # fmt: skip
@@ -88,6 +88,8 @@ def test_public_api_is_pinned() -> None:
     assert issubclass(InvalidRequest, ValueError)
     assert issubclass(InvalidRequest, producer.PermanentError)
     assert issubclass(producer.StorageError, producer.TransientError)
+    assert issubclass(producer.QueueUnavailable, producer.TransientError)
+    assert issubclass(producer.EncoderKilled, producer.TransientError)
 
 
 def test_importing_producer_stays_light() -> None:

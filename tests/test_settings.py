@@ -18,7 +18,8 @@ def test_defaults() -> None:
     settings = Settings.from_env(MINIMAL)
     assert settings.tts_engine == "piper"
     assert settings.celery_result_backend == settings.celery_broker_url
-    assert settings.visibility_timeout_s > settings.task_time_limit_s > settings.task_soft_time_limit_s
+    assert settings.task_time_limit_s > settings.task_soft_time_limit_s
+    assert (settings.recovery_s, settings.storage_retry_s, settings.result_retry_s) == (60, 120, 300)
     assert settings.audio_voices_dir == Path("voices")
 
 
@@ -105,7 +106,10 @@ def test_secrets_stay_out_of_repr() -> None:
             {**MINIMAL, "OUTPUT_BASE_URL": "cdn.example"},
             "OUTPUT_BASE_URL must be a URL starting with http:// or https://",
         ),
-        ({**MINIMAL, "TASK_TIME_LIMIT": "4000"}, "VISIBILITY_TIMEOUT (3600) must be above TASK_TIME_LIMIT"),
+        ({**MINIMAL, "VISIBILITY_TIMEOUT": "7200"}, "VISIBILITY_TIMEOUT is no longer read"),
+        ({**MINIMAL, "RECOVERY_S": "5"}, "RECOVERY_S must be between 6 and 3600"),
+        ({**MINIMAL, "STORAGE_RETRY_S": "-1"}, "STORAGE_RETRY_S must be between 0 and 3600"),
+        ({**MINIMAL, "RESULT_RETRY_S": "soon"}, "RESULT_RETRY_S must be an integer"),
         ({**MINIMAL, "TASK_SOFT_TIME_LIMIT": "1800"}, "TASK_SOFT_TIME_LIMIT (1800) must be below"),
     ],
 )

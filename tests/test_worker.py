@@ -172,7 +172,11 @@ def test_the_running_worker_has_the_designed_configuration(tone_worker: WorkerHa
     assert conf["worker_prefetch_multiplier"] == 1
     assert conf["task_acks_late"] is True and conf["task_reject_on_worker_lost"] is True
     assert conf["worker_send_task_events"] is True
-    assert conf["broker_transport_options"]["visibility_timeout"] > conf["task_time_limit"]
+    # A lease, not a timeout above the longest job: 5/6 of RECOVERY_S, swept and renewed every 1/6.
+    transport = conf["broker_transport_options"]
+    assert (transport["visibility_timeout"], transport["unacked_restore_interval"]) == (50, 10)
+    assert transport["unacked_restore_throttle"] == 1
+    assert conf["result_backend_always_retry"] is True
     assert conf["broker_transport_options"]["queue_order_strategy"] == "priority"
     queues = tone_worker.app.control.inspect(
         destination=[tone_worker.process.name], timeout=5

@@ -6,8 +6,10 @@ Why these defaults (measured on celery 5.7 / kombu 5.7 / Redis 7, see DESIGN.md)
   with late acks) when the child running it dies. The model is loaded in the child
   (`worker_process_init`), never in the parent, so CUDA is never initialised in a process that forks.
 - prefetch 1: a job waits in Redis, where another worker can take it, not in a busy worker's buffer.
-- the visibility timeout sits above the hard time limit, or Redis would hand a job that is still
-  running to a second worker.
+- a job is leased, not timed out: the visibility timeout is short and the worker running the job
+  renews it (tts_worker.lease), so a lost worker's job is back within RECOVERY_S and a live worker's
+  job is never delivered twice, however long it runs.
+- a finished job's result waits for Redis (RESULT_RETRY_S) instead of failing the job.
 - queues are read in the order given (`queue_order_strategy=priority`): interactive before backfill.
 """
 
@@ -27,6 +29,7 @@ from producer.app import QUEUES, TASK_NAME, celery_contract
 from producer.config import ProducerConfig
 from tts_worker import metrics, runtime  # noqa: F401 - importing metrics connects its signal handlers
 from tts_worker.engines import check_engine
+from tts_worker.lease import LeaseRenewal, lease_for
 from tts_worker.settings import Settings, SettingsError
 from tts_worker.storage import make_storage
 
@@ -44,12 +47,16 @@ def worker_config(settings: Settings) -> dict[str, Any]:
             max_text_chars=settings.max_text_chars,
         )
     )
-    visibility = {"visibility_timeout": settings.visibility_timeout_s}
+    lease = lease_for(settings.recovery_s)
     return {
         **contract,
-        "broker_transport_options": {**contract["broker_transport_options"], **visibility},
-        "result_backend_transport_options": visibility,
-        "visibility_timeout": settings.visibility_timeout_s,
+        "broker_transport_options": {**contract["broker_transport_options"], **lease.transport_options()},
+        # A finished job's result is stored even if Redis is away for minutes: Celery tries again with
+        # backoff (full jitter, at most 10 s apart, so about 5 s on average) as many times as fill
+        # RESULT_RETRY_S. Progress reports are tried once (see tts_worker.tasks).
+        "result_backend_always_retry": True,
+        "result_backend_max_sleep_between_retries_ms": _RESULT_RETRY_MAX_SLEEP_MS,
+        "result_backend_max_retries": _result_retries(settings.result_retry_s),
         # Each queue with an exchange and routing key of its own: left to Celery's defaults, both
         # would be bound to exchange "tts" with key "tts", so that a message published to that
         # exchange (rather than straight to a queue, as Celery does) would land in both.
@@ -75,7 +82,18 @@ def worker_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+_RESULT_RETRY_MAX_SLEEP_MS = 10_000
+
+
+def _result_retries(budget_s: int) -> int:
+    """How many tries of storing a result take about `budget_s`: Celery sleeps a random time up to
+    10 ms * 2**n, at most 10 s, before try n; the first ten sleeps add up to about 5 s, each later
+    one to 5 s on average."""
+    return 0 if budget_s == 0 else 10 + max(0, budget_s - 5) // (_RESULT_RETRY_MAX_SLEEP_MS // 2000)
+
+
 app = Celery("tts_worker", include=["tts_worker.tasks"])
+app.steps["consumer"].add(LeaseRenewal)
 
 # Celery's success line prints the task's return value, and ours holds a presigned URL (a bearer
 # credential for the audio). Our own "job ... done" line says what an operator needs instead.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import queue
+import signal
 import subprocess
 import threading
 from types import TracebackType
@@ -21,7 +22,7 @@ from typing import IO
 import numpy as np
 import soundfile
 
-from producer.errors import EncodingError
+from producer.errors import EncoderKilled, EncodingError
 from producer.formats import AudioFormat
 from tts_worker.engines.base import Audio
 
@@ -56,7 +57,8 @@ class Encoder:
             self._pipe.write(audio)
 
     def finish(self) -> bytes:
-        """Wait for the encoder and return the whole file. Raises `EncodingError` with ffmpeg's stderr."""
+        """Wait for the encoder and return the whole file. Raises `EncodingError` with ffmpeg's stderr,
+        or `EncoderKilled` (transient) when a signal ended ffmpeg."""
         if self._pipe is not None:
             return self._pipe.finish()
         audio = np.concatenate(self._pieces) if self._pieces else np.zeros(0, dtype=np.int16)
@@ -149,6 +151,10 @@ class _FfmpegPipe:
         for thread in self._threads:
             thread.join()
         output = b"".join(self._out)
+        if status < 0:  # a signal ended it (the OOM killer, most often): the audio was not at fault
+            raise EncoderKilled(
+                f"ffmpeg was ended by {signal.Signals(-status).name} while encoding; the job is retried"
+            )
         if status != 0 or not output:
             stderr = b"".join(self._err).decode(errors="replace").strip()[-2000:]
             raise EncodingError(

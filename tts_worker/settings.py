@@ -80,9 +80,12 @@ class Settings:
     max_voice_seconds: float = 60.0
     task_soft_time_limit_s: int = 1500
     task_time_limit_s: int = 1800
-    visibility_timeout_s: int = 3600
+    recovery_s: int = 60
+    """How soon a job whose worker vanished is delivered to another one (see tts_worker.lease)."""
     max_retries: int = 5
     retry_backoff_s: int = 5
+    storage_retry_s: int = 120
+    result_retry_s: int = 300
     model_load_timeout_s: int = 900
     ffmpeg_binary: str = "ffmpeg"
     tone_rtf: float = 0.0
@@ -130,31 +133,33 @@ class Settings:
             max_voice_seconds=env.number("MAX_VOICE_SECONDS", 60.0, low=1.0, high=600.0),
             task_soft_time_limit_s=env.integer("TASK_SOFT_TIME_LIMIT", 1500, low=1, high=86_400),
             task_time_limit_s=env.integer("TASK_TIME_LIMIT", 1800, low=1, high=86_400),
-            visibility_timeout_s=env.integer("VISIBILITY_TIMEOUT", 3600, low=60, high=604_800),
+            recovery_s=env.integer("RECOVERY_S", 60, low=6, high=3600),
             max_retries=env.integer("TASK_MAX_RETRIES", 5, low=0, high=100),
             retry_backoff_s=env.integer(
                 "RETRY_BACKOFF_S", 5, low=1, high=MAX_RETRY_WAIT_S, why="the longest wait between retries"
             ),
+            storage_retry_s=env.integer("STORAGE_RETRY_S", 120, low=0, high=3600),
+            result_retry_s=env.integer("RESULT_RETRY_S", 300, low=0, high=3600),
             model_load_timeout_s=env.integer("MODEL_LOAD_TIMEOUT", 900, low=10, high=7200),
             ffmpeg_binary=env.text("FFMPEG_BINARY", "ffmpeg"),
             tone_rtf=env.number("TONE_RTF", 0.0, low=0.0, high=100.0),
             metrics_port=env.integer("METRICS_PORT", 0, low=0, high=65535),
             metrics_address=env.text("METRICS_ADDRESS", "0.0.0.0"),
         )
+        if env.optional("VISIBILITY_TIMEOUT"):
+            raise SettingsError(
+                "VISIBILITY_TIMEOUT is no longer read: a running job holds a lease that its worker renews, "
+                "so no job length needs covering; set RECOVERY_S, how soon a lost worker's job runs elsewhere"
+            )
         settings.check_time_limits()
         return settings
 
     def check_time_limits(self) -> None:
-        """Redis redelivers a job still running at the visibility timeout: keep it above the hard limit."""
+        """The soft limit (the job fails cleanly) must come before the hard one (the process is killed)."""
         if self.task_soft_time_limit_s >= self.task_time_limit_s:
             raise SettingsError(
                 f"TASK_SOFT_TIME_LIMIT ({self.task_soft_time_limit_s}) must be below "
                 f"TASK_TIME_LIMIT ({self.task_time_limit_s})"
-            )
-        if self.visibility_timeout_s <= self.task_time_limit_s:
-            raise SettingsError(
-                f"VISIBILITY_TIMEOUT ({self.visibility_timeout_s}) must be above TASK_TIME_LIMIT "
-                f"({self.task_time_limit_s}), or a running job is delivered to a second worker"
             )
 
 

@@ -3,6 +3,11 @@
 Either way a file appears under its final name only once its bytes are complete, so no reader ever
 sees half of one: S3 gets the object in one PUT; the directory gets a hidden temporary file that is
 renamed into place. Each stored file carries the metadata a redelivered job rebuilds its result from.
+
+S3 outages are waited out in place: an upload that cannot reach the server (connection refused or
+cut, a timeout, a 5xx or a throttling answer) is tried again with backoff for STORAGE_RETRY_S, the
+encoded audio kept in memory, before the job fails with a `StorageError` (which the task retries from
+the start). The look-up before synthesis waits briefly the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from urllib.parse import quote
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_before_delay, wait_random_exponential
 
 from producer.errors import StorageError
 from tts_worker.settings import Settings, SettingsError
@@ -29,9 +36,18 @@ from tts_worker.settings import Settings, SettingsError
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
 
-__all__ = ["LocalStorage", "S3Storage", "Storage", "make_storage"]
+__all__ = ["LOOKUP_RETRY_S", "LocalStorage", "S3Storage", "Storage", "make_storage"]
 
 log = logging.getLogger(__name__)
+
+LOOKUP_RETRY_S = 15.0
+"""How long the look-up before synthesis waits out an S3 outage: briefly, for nothing is lost by
+failing then (the job is retried before any synthesis was done)."""
+_RETRY_WAIT_MAX_S = 15.0
+"""The longest pause between two tries, so that the store is tried soon after it is back."""
+_PASSING_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable"}
+)
 
 
 class Storage(Protocol):
@@ -72,6 +88,7 @@ class S3Storage:
             )
         self.bucket = settings.s3_bucket_name
         self.endpoint = settings.s3_endpoint_url or "AWS S3"
+        self.retry_s = settings.storage_retry_s
         self._client = _client(settings, settings.s3_endpoint_url)
         # SigV4 signs the host, so a URL for clients outside the worker's network (compose's
         # http://minio:9000 means nothing to them) must be signed for the host they reach.
@@ -87,17 +104,21 @@ class S3Storage:
             self._client.head_bucket(Bucket=self.bucket)
 
     def put(self, key: str, data: bytes, *, content_type: str, metadata: Mapping[str, str]) -> None:
-        """Write the whole object in one request."""
-        with self._errors(f"upload {key}"):
-            self._client.put_object(
-                Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, Metadata=dict(metadata)
-            )
+        """Write the whole object in one request, tried again while S3 cannot be reached (for
+        STORAGE_RETRY_S)."""
+        for attempt in self._retrying(f"upload {key}", within_s=self.retry_s):
+            with attempt, self._errors(f"upload {key}"):
+                self._client.put_object(
+                    Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, Metadata=dict(metadata)
+                )
 
     def metadata(self, key: str) -> dict[str, str] | None:
-        """The user metadata of `key`, or None when there is no such object."""
+        """The user metadata of `key`, or None when there is no such object (tried again while S3
+        cannot be reached, for LOOKUP_RETRY_S)."""
         try:
-            with self._errors(f"look up {key}"):
-                head = self._client.head_object(Bucket=self.bucket, Key=key)
+            for attempt in self._retrying(f"look up {key}", within_s=min(LOOKUP_RETRY_S, self.retry_s)):
+                with attempt, self._errors(f"look up {key}"):
+                    head = self._client.head_object(Bucket=self.bucket, Key=key)
         except StorageError as exc:
             if isinstance(exc.__cause__, ClientError) and _status(exc.__cause__) == 404:
                 return None
@@ -111,6 +132,26 @@ class S3Storage:
                 "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
             )
         return url
+
+    def _retrying(self, action: str, *, within_s: float) -> Retrying:
+        """Tries of one request: again, with exponential backoff and jitter, while the failure is one
+        that passes (see `_passing`) and a new try can start within `within_s` of the first."""
+
+        def note(state: RetryCallState) -> None:
+            wait = state.upcoming_sleep
+            log.warning(
+                "S3 could not %s (%s): %s; trying again in %.1f s (try %d, giving up %.0f s after the first)",
+                action, self.describe(), state.outcome.exception() if state.outcome else "?", wait,
+                state.attempt_number + 1, within_s,
+            )  # fmt: skip
+
+        return Retrying(
+            retry=retry_if_exception(_passing),
+            stop=stop_before_delay(within_s),
+            wait=wait_random_exponential(multiplier=1, max=_RETRY_WAIT_MAX_S),
+            before_sleep=note,
+            reraise=True,
+        )
 
     @contextmanager
     def _errors(self, action: str, *, missing: str = "") -> Iterator[None]:
@@ -146,6 +187,18 @@ def _client(settings: Settings, endpoint_url: str | None) -> S3Client:
 
 def _status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _passing(exc: BaseException) -> bool:
+    """Whether a `StorageError` is a fault that passes by itself (S3 unreachable, overloaded or
+    restarting), worth waiting out; not one the same request would meet again (no bucket, access
+    denied, a bad request)."""
+    cause = exc.__cause__
+    if isinstance(cause, (BotoConnectionError, HTTPClientError)):
+        return True
+    if isinstance(cause, ClientError):
+        return _status(cause) >= 500 or cause.response.get("Error", {}).get("Code") in _PASSING_CODES
+    return False
 
 
 class LocalStorage:

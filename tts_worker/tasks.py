@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import redis
 from celery import Task, shared_task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import BackendStoreError, SoftTimeLimitExceeded
 from celery.worker.request import Request
 from redis.exceptions import RedisError
 
@@ -79,8 +79,9 @@ def synthesize(self: Task[Any, dict[str, Any]], *args: Any, **fields: Any) -> di
 
     def report(done: int, total: int) -> None:
         try:
-            self.update_state(state="PROGRESS", meta={"chunk": done, "chunks": total})
-        except RedisError as exc:  # progress is best effort; the job is worth more
+            # Tried once (max_retries=0): while Redis is away the job goes on, only its result waits.
+            self.update_state(state="PROGRESS", meta={"chunk": done, "chunks": total}, max_retries=0)
+        except (RedisError, BackendStoreError) as exc:  # progress is best effort; the job is worth more
             log.warning("job %s: progress not recorded: %s", job_id, exc)
 
     try:

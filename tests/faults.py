@@ -1,0 +1,155 @@
+"""Faults made the way they happen: a port that refuses connections, a process stopped and started again.
+
+`RedisProcess` is a real `redis-server` that can be stopped (cleanly, or with SIGKILL) and started
+again on the same port and data directory, with the persistence asked for.
+
+`Gate` stands between a client and a real server on loopback. Open, it forwards bytes both ways;
+closed, its port refuses new connections (nothing listens) and the connections it carried are cut,
+as when a server's host drops off the network or the server restarts. Opened again it listens on the
+same port, so clients reconnect to the same address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tts_worker.devstack import free_port, wait_until
+
+__all__ = ["Gate", "RedisProcess"]
+
+
+class RedisProcess:
+    """`redis-server` on a loopback port of its own, stopped and started at will. `options` are
+    redis-server's (persistence, a password); the data lives in `workdir` across restarts."""
+
+    def __init__(self, workdir: Path, *options: str, port: int | None = None) -> None:
+        self.workdir = workdir
+        self.options = options
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server") or "redis-server"
+        with open(self.workdir / f"redis-{self.port}.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+                 "--save", "", *self.options],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        wait_until(self._answers, timeout=20, what="redis-server", process=self.process)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """End the server with `sig` (SIGTERM: a clean shutdown; SIGKILL: a crash) and wait for it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(30)
+        self.process = None
+
+    @contextlib.contextmanager
+    def down_for(self, seconds: float, sig: signal.Signals = signal.SIGTERM) -> Iterator[None]:
+        """Stopped for `seconds` from entering the block, then started again."""
+        self.stop(sig)
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            time.sleep(max(0.0, seconds - (time.monotonic() - started)))
+            self.start()
+
+    def _answers(self) -> bool:
+        # Any reply means it serves: +PONG, or -NOAUTH where a password is set; -LOADING is not ready.
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+
+
+class Gate:
+    """A TCP forwarder on 127.0.0.1 to `upstream` that can be closed and opened again."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self._listener: socket.socket | None = None
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self.port = 0
+        self.open()
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def open(self) -> None:
+        """Listen (again) on the gate's port and forward what arrives."""
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def close(self) -> None:
+        """Refuse new connections and cut the open ones."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            connections, self._connections = self._connections, set()
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+            connection.close()
+
+    @contextlib.contextmanager
+    def closed_for(self, seconds: float) -> Iterator[None]:
+        """Closed for `seconds` from entering the block, then open again (later if the block runs longer)."""
+        self.close()
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            time.sleep(max(0.0, seconds - (time.monotonic() - started)))
+            self.open()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self._lock:
+                if self._listener is not listener:  # closed meanwhile
+                    client.close()
+                    server.close()
+                    return
+                self._connections |= {client, server}
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+        with self._lock:
+            self._connections -= {source, sink}
