@@ -89,7 +89,7 @@ def test_redis_has_a_password_persistence_a_memory_limit_and_no_eviction(
 ) -> None:
     command = " ".join(config["services"]["redis"]["command"])
     assert "--requirepass change-me-redis" in command
-    assert "--appendonly yes" in command
+    assert "--appendonly yes --appendfsync always" in command  # a crash loses no accepted job
     assert "--maxmemory 1gb" in command  # without a limit, noeviction never refuses anything
     assert "--maxmemory-policy noeviction" in command
     # The limit comes from .env, and has a default when .env does not set it.
@@ -123,6 +123,7 @@ def test_redis_accepts_the_compose_command(config: dict[str, Any], tmp_path: Pat
         wait_until(answers, timeout=30, what="redis-server", process=server)
         assert client.config_get("maxmemory") == {"maxmemory": str(1 << 30)}
         assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        assert client.config_get("appendfsync") == {"appendfsync": "always"}
     finally:
         client.close()
         server.terminate()

@@ -63,7 +63,7 @@ def lease_for(recovery_s: float) -> Lease:
     return Lease(recovery_s=recovery_s, length_s=recovery_s - interval, interval_s=interval)
 
 
-def held_delivery_tags(consumer: Any) -> set[str]:
+def _held_delivery_tags(consumer: Any) -> set[str]:
     """The delivery tags of every message this worker holds unacknowledged: those of the jobs it runs
     or has reserved, and those its channel still holds (a job waiting for its retry countdown)."""
     requests = [*state.reserved_requests, *state.active_requests]
@@ -115,7 +115,7 @@ class LeaseRenewal(bootsteps.StartStopStep):
 
     def _renew(self, consumer: Any, connection: Any) -> None:
         try:
-            tags = held_delivery_tags(consumer)
+            tags = _held_delivery_tags(consumer)
         except RuntimeError:  # the sets changed while being read: the next round reads them again
             return
         if not tags:
