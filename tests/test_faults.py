@@ -7,11 +7,13 @@ nodes are lost with SIGKILL to the whole process group, as a lost host or `docke
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -166,6 +168,46 @@ def test_a_job_that_ends_while_redis_is_down_is_recorded_once_redis_is_back(
     assert objects(s3, result.id) == 1
 
 
+def test_redis_killed_while_jobs_flow_loses_none_and_does_none_twice(
+    fleet: Callable[..., WorkerHandle], own_redis: RedisProcess
+) -> None:
+    """SIGKILL, as the OOM killer or a crash ends Redis, then a restart from the AOF. The worker
+    finishes jobs delivered before the crash on a connection made after it: it must acknowledge them
+    and live on (kombu, left to itself, ends the worker trying to ack on the closed channel)."""
+    worker = fleet(RECOVERY_S="6", TONE_RTF="0.3")  # a job takes about 0.3 s
+    accepted: list[str] = []
+    stop = threading.Event()
+
+    def enqueue() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(QueueUnavailable):
+                accepted.append(worker.tts.delay(text="A short job.", output_format="wav").id)
+            time.sleep(0.1)
+
+    sender = threading.Thread(target=enqueue)
+    sender.start()
+    try:
+        time.sleep(2)
+        while (log := worker.process.log()).count(" start: ") == log.count(" done: "):
+            time.sleep(0.01)  # until a job runs: it ends while Redis is down or just after
+        with own_redis.down_for(1, signal.SIGKILL):
+            pass
+        time.sleep(3)
+    finally:
+        stop.set()
+        sender.join()
+    deadline = time.monotonic() + 60
+    while (log := worker.process.log()) and not all(f"job {job} done" in log for job in accepted):
+        assert worker.process.process.poll() is None, "the worker died"
+        assert time.monotonic() < deadline, "jobs accepted before or after the crash were not done"
+        time.sleep(0.5)
+    time.sleep(8)  # a message neither acknowledged nor leased would be swept and done again by now
+    log = worker.process.log()
+    assert max(log.count(f"job {job} done") for job in accepted) == 1
+    assert "Unrecoverable error" not in log and worker.process.process.poll() is None
+    assert len(accepted) > 30
+
+
 def test_a_storage_outage_at_upload_is_waited_out_without_a_second_synthesis(
     start_worker: Callable[..., WorkerHandle], s3_server: Any, s3: Any
 ) -> None:
@@ -190,8 +232,9 @@ def test_ffmpeg_killed_mid_job_is_retried_not_failed(slow_worker: WorkerHandle, 
     [child] = slow_worker.pool_pids()
     result = slow_worker.tts.delay(text=SENTENCE * 3, max_chars_per_chunk=80, output_format="mp3")
     wait_for_state(result, {"PROGRESS"})  # ffmpeg encodes while the next chunks are spoken
-    [ffmpeg] = children_named(child, "ffmpeg")
-    os.kill(ffmpeg, signal.SIGKILL)  # as the OOM killer does
+    ffmpeg = children_named(child, "ffmpeg")
+    assert len(ffmpeg) == 1, f"ffmpeg processes under the pool process {child}: {ffmpeg}"
+    os.kill(ffmpeg[0], signal.SIGKILL)  # as the OOM killer does
     outcome = result.get(timeout=120)
     assert outcome["status"] == "completed" and result.retries == 1
     log = slow_worker.process.log()

@@ -17,6 +17,8 @@ once restore a message once. Stamps are the hosts' clocks, as kombu's own are: k
 
 A worker that stops (or loses its connection) no longer puts the messages it holds back on the queue
 itself: a job still running would be delivered twice. Its leases lapse and the sweep restores them.
+A job that finishes after its connection was replaced is acknowledged through a live connection
+(`LeasedRequest`): kombu would ack it on the closed channel, fail, and end the worker.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from typing import Any
 
 from celery import bootsteps
 from celery.worker import state
+from celery.worker.request import Request
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
-__all__ = ["Lease", "LeaseRenewal", "lease_for"]
+__all__ = ["Lease", "LeaseRenewal", "LeasedRequest", "lease_for"]
 
 log = logging.getLogger(__name__)
 
@@ -127,3 +130,40 @@ class LeaseRenewal(bootsteps.StartStopStep):
         except (RedisError, OperationalError, OSError) as exc:
             log.warning("could not renew the lease of %d held job(s): %s; trying again", len(tags), exc)
             connection.collect()  # a fresh connection next time
+
+
+class LeasedRequest(Request):
+    """One delivery of a job, which can be settled after the connection it came on was lost.
+
+    kombu settles a message on the channel that received it; once a lost connection has closed that
+    channel, it raises AttributeError, which ends the worker. Here an ack goes through a live
+    connection instead (the same two Redis commands kombu's ack sends), and a rejection is left to
+    the lease: it lapses, and the sweep puts the job back on its queue."""
+
+    def acknowledge(self) -> None:
+        if self.acknowledged or not _closed(self.message):
+            super().acknowledge()
+            return
+        tag = str(self.message.delivery_tag)
+        try:
+            with self.task.app.connection_for_write() as connection:
+                channel: Any = connection.default_channel  # kombu's Redis channel
+                with channel.client.pipeline() as pipe:
+                    pipe.zrem(channel.unacked_index_key, tag).hdel(channel.unacked_key, tag).execute()
+        except (RedisError, OperationalError, OSError) as exc:
+            log.warning("job %s: not acknowledged (%s); its lease will lapse and it runs again", self.id, exc)
+        self.acknowledged = True
+
+    def reject(self, requeue: bool = False) -> None:
+        if self.acknowledged or not _closed(self.message):
+            super().reject(requeue=requeue)
+            return
+        if requeue:  # the lease lapses and the sweep requeues it
+            self.acknowledged = True
+        else:
+            self.acknowledge()
+
+
+def _closed(message: Any) -> bool:
+    """Whether the channel `message` came on was closed (its connection lost and replaced)."""
+    return getattr(message.channel, "connection", None) is None

@@ -17,7 +17,6 @@ from typing import Any, NoReturn
 import redis
 from celery import Task, shared_task
 from celery.exceptions import BackendStoreError, SoftTimeLimitExceeded
-from celery.worker.request import Request
 from redis.exceptions import RedisError
 
 from producer.app import TASK_NAME
@@ -30,6 +29,7 @@ from producer.errors import (
 )
 from producer.schema import parse_request
 from tts_worker import runtime
+from tts_worker.lease import LeasedRequest
 from tts_worker.pipeline import log_done, run_job, text_chunks
 from tts_worker.settings import MAX_RETRY_WAIT_S
 
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 _URL_IN_REPR = re.compile(r"('url': )'[^']*'")
 
 
-class UrlHidingRequest(Request):
+class UrlHidingRequest(LeasedRequest):
     """The worker's view of one delivery, which keeps the presigned URL out of the `task-succeeded`
     event: Celery puts the result's repr there, and Flower shows it to whoever can log in, while a
     presigned URL is a credential for the audio (the worker's log leaves it out too). The caller
