@@ -52,6 +52,8 @@ def celery_contract(config: ProducerConfig) -> dict[str, Any]:
     `connect_timeout_s` has passed, so a refused connection fails at once and a host that drops
     packets within about `connect_timeout_s`, instead of Celery's 19 s and a RuntimeError."""
     connect_s = max(0.5, config.connect_timeout_s / 4)
+    # Through Redis Sentinel, kombu and Celery ask the sentinels for this primary (again after a failover).
+    master = {"master_name": config.sentinel_master} if config.sentinel_master else {}
     return {
         "broker_url": config.broker_url,
         "result_backend": config.result_backend,
@@ -65,6 +67,7 @@ def celery_contract(config: ProducerConfig) -> dict[str, Any]:
                 "interval_step": 0.5,
                 "interval_max": 1,
             },
+            **master,
         },
         "task_serializer": "json",
         "result_serializer": "json",
@@ -72,7 +75,11 @@ def celery_contract(config: ProducerConfig) -> dict[str, Any]:
         "task_default_queue": INTERACTIVE_QUEUE,
         "task_routes": {TASK_NAME: {"queue": INTERACTIVE_QUEUE}},
         # Within a queue, Redis priorities only hold with this strategy; 0 (also "no priority") is the top.
-        "broker_transport_options": {"queue_order_strategy": "priority", "socket_connect_timeout": connect_s},
+        "broker_transport_options": {
+            "queue_order_strategy": "priority",
+            "socket_connect_timeout": connect_s,
+            **master,
+        },
         "result_extended": True,
         "task_send_sent_event": True,
         "broker_connection_retry_on_startup": True,

@@ -12,8 +12,9 @@ __all__ = ["REDIS_SCHEMES", "ConfigError", "ProducerConfig", "is_redis_url"]
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
-REDIS_SCHEMES = ("redis", "rediss")
-"""The broker and result backend URLs every part accepts: Redis over TCP or TLS. Celery takes others,
+REDIS_SCHEMES = ("redis", "rediss", "sentinel")
+"""The broker and result backend URLs every part accepts: Redis over TCP or TLS, or through Redis
+Sentinel (with REDIS_SENTINEL_MASTER; see producer.redis_client). Celery takes others,
 but the worker's configuration (visibility timeouts, priorities) is Redis's, and the metrics, the
 health check and tts-backfill talk to Redis themselves through redis-py."""
 
@@ -37,11 +38,22 @@ class ProducerConfig:
     max_text_chars: int = MAX_TEXT_CHARS
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     """How long enqueueing may try to reach Redis before it raises `QueueUnavailable`."""
+    sentinel_master: str | None = None
+    """The name Redis Sentinel monitors, for `sentinel://` URLs."""
+
+    def __post_init__(self) -> None:
+        if not self.sentinel_master and any(
+            url.startswith("sentinel://") for url in (self.broker_url, self.result_backend)
+        ):
+            raise ConfigError(
+                "REDIS_SENTINEL_MASTER must name the Redis primary the sentinels monitor "
+                "when CELERY_BROKER_URL or CELERY_RESULT_BACKEND is a sentinel:// URL"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> ProducerConfig:
         """Build from CELERY_BROKER_URL, CELERY_RESULT_BACKEND (defaults to the broker), MAX_TEXT_CHARS
-        and PRODUCER_CONNECT_TIMEOUT_S."""
+        PRODUCER_CONNECT_TIMEOUT_S and REDIS_SENTINEL_MASTER."""
         broker = environ.get("CELERY_BROKER_URL") or DEFAULT_BROKER_URL
         raw_limit = environ.get("MAX_TEXT_CHARS") or str(MAX_TEXT_CHARS)
         if not raw_limit.isdigit() or int(raw_limit) < 1:
@@ -60,4 +72,5 @@ class ProducerConfig:
             result_backend=environ.get("CELERY_RESULT_BACKEND") or broker,
             max_text_chars=int(raw_limit),
             connect_timeout_s=timeout,
+            sentinel_master=environ.get("REDIS_SENTINEL_MASTER") or None,
         )

@@ -23,26 +23,31 @@ from pathlib import Path
 
 from tts_worker.devstack import free_port, wait_until
 
-__all__ = ["Gate", "RedisProcess"]
+__all__ = ["Gate", "RedisProcess", "SentinelGroup"]
 
 
 class RedisProcess:
     """`redis-server` on a loopback port of its own, stopped and started at will. `options` are
     redis-server's (persistence, a password); the data lives in `workdir` across restarts."""
 
-    def __init__(self, workdir: Path, *options: str, port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *options: str, port: int | None = None, config: Path | None = None
+    ) -> None:
         self.workdir = workdir
         self.options = options
+        self.config = config
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
 
     def start(self) -> None:
         binary = shutil.which("redis-server") or "redis-server"
+        # A sentinel reads (and rewrites) a configuration file, and has no snapshots to turn off.
+        head = [binary, str(self.config)] if self.config else [binary, "--save", ""]
         with open(self.workdir / f"redis-{self.port}.log", "ab") as log:
             self.process = subprocess.Popen(
-                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
-                 "--save", "", *self.options],
+                [*head, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+                 *self.options],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         wait_until(self._answers, timeout=20, what="redis-server", process=self.process)
@@ -70,6 +75,42 @@ class RedisProcess:
         with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
             sock.sendall(b"PING\r\n")
             return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+
+
+class SentinelGroup:
+    """A Redis primary, one replica and three sentinels on loopback, as a small Sentinel deployment:
+    the sentinels promote the replica once the primary has not answered for a second."""
+
+    MASTER = "mymaster"
+
+    def __init__(self, workdir: Path) -> None:
+        self.primary = RedisProcess(workdir)
+        self.replica = RedisProcess(workdir, "--replicaof", "127.0.0.1", str(self.primary.port))
+        self.sentinels = []
+        for _ in range(3):
+            port = free_port()
+            config = workdir / f"sentinel-{port}.conf"
+            config.write_text(
+                f"sentinel monitor {self.MASTER} 127.0.0.1 {self.primary.port} 2\n"
+                f"sentinel down-after-milliseconds {self.MASTER} 1000\n"
+                f"sentinel failover-timeout {self.MASTER} 5000\n"
+            )
+            self.sentinels.append(RedisProcess(workdir, "--sentinel", port=port, config=config))
+
+    def url(self, db: int) -> str:
+        """The broker or result backend URL of database `db`, kombu's way."""
+        return ";".join(f"sentinel://127.0.0.1:{s.port}/{db}" for s in self.sentinels)
+
+    def primary_port(self) -> int:
+        """The port of the primary the sentinels name now."""
+        with socket.create_connection(("127.0.0.1", self.sentinels[0].port), timeout=2) as sock:
+            sock.sendall(f"SENTINEL get-master-addr-by-name {self.MASTER}\r\n".encode())
+            reply = sock.recv(256).decode()
+        return int(reply.split("\r\n")[4])
+
+    def stop(self) -> None:
+        for server in (*self.sentinels, self.replica, self.primary):
+            server.stop(signal.SIGKILL)
 
 
 class Gate:

@@ -13,6 +13,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +29,7 @@ from producer.app import TTSTask, create_app
 from producer.config import ProducerConfig
 from producer.errors import QueueUnavailable, TransientError
 from tests.conftest import BUCKET, WorkerHandle
-from tests.faults import Gate, RedisProcess
+from tests.faults import Gate, RedisProcess, SentinelGroup
 from tests.test_encoding import children_named
 from tests.test_worker import decode, wait_for_state
 from tts_worker.devstack import WorkerProcess
@@ -273,3 +275,112 @@ def test_enqueueing_while_redis_is_down_fails_fast_and_works_again_once_it_is_ba
     del before, after  # let go while Redis is up (Celery unsubscribes when a result is collected)
     gc.collect()
     tts.app.close()
+
+
+# --- Redis Sentinel --------------------------------------------------------------------------------
+
+
+def test_a_sentinel_failover_while_jobs_flow_is_ridden_out(
+    base_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A primary, a replica and three sentinels; the primary is SIGKILLed while jobs are enqueued and
+    done. The worker and the producer follow the sentinels to the promoted replica. What a failover
+    can lose (writes the primary acknowledged and had not yet replicated) is counted and shown."""
+    group = SentinelGroup(tmp_path)
+    env = {
+        **base_env,
+        "CELERY_BROKER_URL": group.url(0),
+        "CELERY_RESULT_BACKEND": group.url(1),
+        "REDIS_SENTINEL_MASTER": SentinelGroup.MASTER,
+        "RECOVERY_S": "6",
+        "TONE_RTF": "0.3",
+    }
+    worker = WorkerHandle(WorkerProcess(env, log_path=tmp_path / "worker.log", name="sentinel"), env)
+    accepted: list[tuple[float, str]] = []
+    refused = 0
+    stop = threading.Event()
+
+    def enqueue() -> None:
+        nonlocal refused
+        while not stop.is_set():
+            try:
+                accepted.append((time.monotonic(), worker.tts.delay(text="A short job.").id))
+            except QueueUnavailable:
+                refused += 1
+            time.sleep(0.1)
+
+    sender = threading.Thread(target=enqueue)
+    sender.start()
+    try:
+        time.sleep(3)
+        group.primary.stop(signal.SIGKILL)
+        killed_at = time.monotonic()
+        while group.primary_port() != group.replica.port:
+            assert time.monotonic() - killed_at < 30, "the sentinels did not promote the replica"
+            time.sleep(0.1)
+        promoted_in = time.monotonic() - killed_at
+        time.sleep(8)
+        stop.set()
+        sender.join()
+        deadline = time.monotonic() + 60
+        late = [job for sent, job in accepted if sent > killed_at + promoted_in + 2]
+        while not all(f"job {job} done" in worker.process.log() for job in late):
+            assert worker.process.process.poll() is None, "the worker died"
+            assert time.monotonic() < deadline, "jobs sent after the failover were not done"
+            time.sleep(0.5)
+        time.sleep(8)  # a job left unacknowledged and unleased would be swept and done again by now
+        log = worker.process.log()
+        lost = [job for _, job in accepted if f"job {job} done" not in log]
+        twice = [job for _, job in accepted if log.count(f"job {job} done") > 1]
+        with capsys.disabled():
+            print(
+                f"\nsentinel failover: promoted in {promoted_in:.1f} s; {len(accepted)} jobs accepted, "
+                f"{refused} refused (QueueUnavailable), {len(lost)} lost, {len(twice)} done twice"
+            )
+        assert worker.process.process.poll() is None and "Unrecoverable error" not in log
+        assert len(lost) <= 3 and not twice  # only what the primary had not replicated when it died
+    finally:
+        stop.set()
+        worker.process.stop()
+        worker.app.close()
+        group.stop()
+
+
+def test_sentinel_urls_serve_the_health_check_and_tts_backfill(
+    base_env: dict[str, str], tmp_path: Path
+) -> None:
+    group = SentinelGroup(tmp_path)
+    env = {
+        **base_env,
+        "CELERY_BROKER_URL": group.url(0),
+        "CELERY_RESULT_BACKEND": group.url(1),
+        "REDIS_SENTINEL_MASTER": SentinelGroup.MASTER,
+    }
+    worker = WorkerProcess(env, log_path=tmp_path / "worker.log", name="sentinel-backfill")
+    try:
+        check = subprocess.run(
+            [sys.executable, "-m", "tts_worker", "check"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert f"sentinel://127.0.0.1:{group.sentinels[0].port}/0" in check.stdout
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text('{"id": "a", "text": "First row."}\n{"id": "b", "text": "Second row."}\n')
+        manifest = tmp_path / "manifest.jsonl"
+        backfill = subprocess.run(
+            [sys.executable, "-m", "producer.backfill", str(rows), "--manifest", str(manifest)],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert backfill.returncode == 0, backfill.stdout + backfill.stderr
+        lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+        assert sorted((line["id"], line["status"]) for line in lines) == [
+            ("a", "completed"),
+            ("b", "completed"),
+        ]
+    finally:
+        worker.stop()
+        group.stop()
+    without_master = {key: value for key, value in env.items() if key != "REDIS_SENTINEL_MASTER"}
+    refused = subprocess.run(
+        [sys.executable, "-m", "tts_worker", "check"], env=without_master, capture_output=True, text=True
+    )
+    assert refused.returncode != 0 and "REDIS_SENTINEL_MASTER must name" in refused.stdout + refused.stderr

@@ -150,6 +150,22 @@ def test_text_limit_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
         ProducerConfig.from_env()
 
 
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"PRODUCER_CONNECT_TIMEOUT_S": "0"},
+            "PRODUCER_CONNECT_TIMEOUT_S must be a number of seconds from 1 to 300",
+        ),
+        ({"PRODUCER_CONNECT_TIMEOUT_S": "soon"}, "PRODUCER_CONNECT_TIMEOUT_S must be"),
+        ({"CELERY_BROKER_URL": "sentinel://s1:26379/0"}, "REDIS_SENTINEL_MASTER must name"),
+    ],
+)
+def test_bad_producer_settings_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ProducerConfig.from_env(env)
+
+
 def test_request_model_is_frozen() -> None:
     request = parse_request(VALID)
     with pytest.raises(ValueError, match="frozen"):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tts_worker.celery import worker_config
 from tts_worker.settings import Settings, SettingsError
 
 MINIMAL = {"S3_BUCKET_NAME": "audio"}
@@ -85,7 +86,8 @@ def test_secrets_stay_out_of_repr() -> None:
         ),
         (
             {**MINIMAL, "CELERY_BROKER_URL": "amqp://guest@rabbit//"},
-            "CELERY_BROKER_URL must be a Redis URL starting with redis://, rediss:// (got scheme 'amqp')",
+            "CELERY_BROKER_URL must be a Redis URL starting with redis://, rediss://, sentinel:// "
+            "(got scheme 'amqp')",
         ),
         ({**MINIMAL, "CELERY_BROKER_URL": "localhost:6379"}, "CELERY_BROKER_URL must be a Redis URL"),
         (
@@ -107,6 +109,7 @@ def test_secrets_stay_out_of_repr() -> None:
             "OUTPUT_BASE_URL must be a URL starting with http:// or https://",
         ),
         ({**MINIMAL, "VISIBILITY_TIMEOUT": "7200"}, "VISIBILITY_TIMEOUT is no longer read"),
+        ({**MINIMAL, "CELERY_BROKER_URL": "sentinel://s1:26379/0"}, "REDIS_SENTINEL_MASTER must name"),
         ({**MINIMAL, "RECOVERY_S": "5"}, "RECOVERY_S must be between 6 and 3600"),
         ({**MINIMAL, "STORAGE_RETRY_S": "-1"}, "STORAGE_RETRY_S must be between 0 and 3600"),
         ({**MINIMAL, "RESULT_RETRY_S": "soon"}, "RESULT_RETRY_S must be an integer"),
@@ -161,3 +164,12 @@ def test_worker_that_cannot_work_stops_at_start_saying_why(
     for message in messages:
         assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_sentinel_urls_with_the_primarys_name() -> None:
+    urls = "sentinel://:pw@s1:26379/0;sentinel://:pw@s2:26379/0"
+    settings = Settings.from_env({**MINIMAL, "CELERY_BROKER_URL": urls, "REDIS_SENTINEL_MASTER": "mymaster"})
+    assert (settings.celery_result_backend, settings.redis_sentinel_master) == (urls, "mymaster")
+    transport = worker_config(settings)["broker_transport_options"]
+    assert transport["master_name"] == "mymaster"
+    assert worker_config(settings)["result_backend_transport_options"]["master_name"] == "mymaster"

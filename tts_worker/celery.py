@@ -45,6 +45,7 @@ def worker_config(settings: Settings) -> dict[str, Any]:
             broker_url=settings.celery_broker_url,
             result_backend=settings.celery_result_backend,
             max_text_chars=settings.max_text_chars,
+            sentinel_master=settings.redis_sentinel_master,
         )
     )
     lease = lease_for(settings.recovery_s)

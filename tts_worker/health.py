@@ -22,6 +22,7 @@ import redis
 from kombu.utils.url import maybe_sanitize_url
 
 from producer.formats import FORMATS
+from producer.redis_client import redis_client
 from tts_worker.engines import check_engine
 from tts_worker.pipeline import Services
 from tts_worker.settings import Settings, SettingsError
@@ -112,7 +113,9 @@ def _broker(settings: Settings) -> tuple[Status, str]:
     answered = []
     for url in dict.fromkeys([settings.celery_broker_url, settings.celery_result_backend]):
         shown = maybe_sanitize_url(url)  # never print a password
-        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+        client = redis_client(
+            url, sentinel_master=settings.redis_sentinel_master, socket_connect_timeout=3, socket_timeout=3
+        )
         try:
             client.ping()
         except redis.RedisError as exc:

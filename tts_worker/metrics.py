@@ -41,6 +41,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from producer.app import QUEUES, TASK_NAME
 from producer.errors import PermanentError
+from producer.redis_client import redis_client
 from tts_worker import runtime
 
 if TYPE_CHECKING:
@@ -71,9 +72,13 @@ def queue_depths(client: redis.Redis, queues: Iterable[str] = QUEUES) -> dict[st
 class QueueDepthCollector:
     """A Prometheus collector that reads the queue depths from Redis at each scrape."""
 
-    def __init__(self, broker_url: str, queues: Iterable[str] = QUEUES) -> None:
+    def __init__(
+        self, broker_url: str, queues: Iterable[str] = QUEUES, *, sentinel_master: str | None = None
+    ) -> None:
         self.queues = tuple(queues)
-        self._client = redis.Redis.from_url(broker_url, socket_connect_timeout=3, socket_timeout=3)
+        self._client = redis_client(
+            broker_url, sentinel_master=sentinel_master, socket_connect_timeout=3, socket_timeout=3
+        )
 
     def collect(self) -> Iterable[Metric]:
         """`tts_queue_depth{queue}` and `tts_broker_up`."""
@@ -157,7 +162,10 @@ def _serve(**_: Any) -> None:
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=_State.directory)  # type: ignore[no-untyped-call]
-    registry.register(QueueDepthCollector(runtime.settings().celery_broker_url))
+    settings = runtime.settings()
+    registry.register(
+        QueueDepthCollector(settings.celery_broker_url, sentinel_master=settings.redis_sentinel_master)
+    )
     address, port = runtime.settings().metrics_address, runtime.settings().metrics_port
     try:
         start_http_server(port, addr=address, registry=registry)

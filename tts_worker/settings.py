@@ -50,6 +50,8 @@ class Settings:
     """Required to store audio in S3 (the worker checks it at start); not to fetch models."""
     celery_broker_url: str = DEFAULT_BROKER_URL
     celery_result_backend: str = DEFAULT_BROKER_URL
+    redis_sentinel_master: str | None = None
+    """The name Redis Sentinel monitors, for `sentinel://` broker and result backend URLs."""
     s3_endpoint_url: str | None = None
     s3_public_endpoint_url: str | None = None
     """Where clients reach the S3 server, for presigned URLs only (SigV4 signs the host); defaults to
@@ -101,6 +103,7 @@ class Settings:
         settings = cls(
             celery_broker_url=broker,
             celery_result_backend=env.redis_url("CELERY_RESULT_BACKEND", broker),
+            redis_sentinel_master=env.optional("REDIS_SENTINEL_MASTER"),
             s3_endpoint_url=endpoint,
             s3_public_endpoint_url=env.http_url("S3_PUBLIC_ENDPOINT_URL") or endpoint,
             s3_access_key_id=env.optional("S3_ACCESS_KEY_ID"),
@@ -152,7 +155,17 @@ class Settings:
                 "so no job length needs covering; set RECOVERY_S, how soon a lost worker's job runs elsewhere"
             )
         settings.check_time_limits()
+        settings.check_sentinel()
         return settings
+
+    def check_sentinel(self) -> None:
+        """A `sentinel://` URL names sentinels, not Redis: the primary's name must be given too."""
+        urls = (self.celery_broker_url, self.celery_result_backend)
+        if not self.redis_sentinel_master and any(url.startswith("sentinel://") for url in urls):
+            raise SettingsError(
+                "REDIS_SENTINEL_MASTER must name the Redis primary the sentinels monitor "
+                "when CELERY_BROKER_URL or CELERY_RESULT_BACKEND is a sentinel:// URL"
+            )
 
     def check_time_limits(self) -> None:
         """The soft limit (the job fails cleanly) must come before the hard one (the process is killed)."""

@@ -16,6 +16,7 @@ from kombu.utils.url import maybe_sanitize_url
 from producer.app import create_app
 from producer.backfill.results import ResultReader
 from producer.config import ProducerConfig, is_redis_url
+from producer.redis_client import redis_client
 
 __all__ = ["CONNECT_TIMEOUT_S", "Connections", "Unreachable"]
 
@@ -41,7 +42,11 @@ class Connections:
         if not is_redis_url(config.broker_url):
             raise Unreachable(f"tts-backfill needs a Redis broker (CELERY_BROKER_URL={config.broker_url!r})")
         app = create_app(config, name="tts-backfill")
-        broker = redis.Redis.from_url(config.broker_url, socket_connect_timeout=CONNECT_TIMEOUT_S)
+        broker = redis_client(
+            config.broker_url,
+            sentinel_master=config.sentinel_master,
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
+        )
         try:
             links = cls(app, ResultReader(app), broker)
             _reach("broker", config.broker_url, broker.ping)
