@@ -130,7 +130,9 @@ class TTSTask:
             raise TypeError("tts takes keyword fields only, e.g. tts.delay(text='Hello')")
         request = self.validate(kwargs or {})
         if options.get("task_id") is not None:
-            object_name(request, options["task_id"])  # a task id that cannot name the audio is refused
+            object_name(
+                request, options["task_id"]
+            )  # any task id is checked, and one that names the audio more
         message = request.to_message()
         with unavailable_as_error(self.app):
             result: AsyncResult[Any] = self.app.send_task(

@@ -25,6 +25,8 @@ Every class takes one message string, so that Celery can rebuild it on the clien
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "EncoderKilled",
     "EncodingError",
@@ -41,6 +43,19 @@ __all__ = [
     "UnknownVoice",
     "UnreadableText",
 ]
+
+
+ECHO_LIMIT = 60
+"""How much of a caller's value an error message repeats: enough to recognise it, never a document."""
+
+
+def echo(value: Any, limit: int = ECHO_LIMIT) -> str:
+    """`repr(value)` for an error message, cut to `limit` characters with its full length said."""
+    shown = repr(value)
+    if len(shown) <= limit:
+        return shown
+    size = f"{len(value)} characters" if isinstance(value, str) else f"{len(shown)} characters as text"
+    return f"{shown[:limit]}… ({size})"
 
 
 class TTSError(Exception):

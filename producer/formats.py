@@ -10,8 +10,11 @@ would leave a result whose metadata states a bitrate the file does not have, so 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from producer.errors import echo
 
 __all__ = ["FORMATS", "AudioFormat", "parse_bitrate"]
 
@@ -73,7 +76,8 @@ FORMATS: dict[str, AudioFormat] = {
 
 
 def parse_bitrate(bitrate: str) -> int:
-    """'128k' -> 128 (kbit/s). Raises ValueError for anything else."""
-    if not (bitrate.endswith("k") and bitrate[:-1].isdigit()):
-        raise ValueError(f"must look like '128k' (got {bitrate!r})")
+    """'128k' -> 128 (kbit/s). ASCII digits only: `str.isdigit` also takes full-width and other
+    digits, which ffmpeg does not. Raises ValueError for anything else."""
+    if not re.fullmatch(r"[0-9]{1,6}k", bitrate):
+        raise ValueError(f"must be ASCII digits then 'k', like '128k' (got {echo(bitrate)})")
     return int(bitrate[:-1])

@@ -22,10 +22,10 @@ from pydantic import (
     model_validator,
 )
 
-from producer.errors import InvalidRequest
+from producer.errors import ECHO_LIMIT, InvalidRequest, echo
 from producer.formats import FORMATS, parse_bitrate
 
-__all__ = ["EMOTIONS", "MAX_TEXT_CHARS", "TTSRequest", "object_name", "parse_request"]
+__all__ = ["EMOTIONS", "MAX_TEXT_CHARS", "TTSRequest", "check_task_id", "object_name", "parse_request"]
 
 MAX_TEXT_CHARS = 10_000
 """Default limit on `text`; the MAX_TEXT_CHARS environment variable lowers or raises it."""
@@ -34,6 +34,7 @@ EMOTIONS = ("happy", "angry", "sad", "afraid", "disgusted", "melancholic", "surp
 """The order of the eight `emo_vector` components, as IndexTTS2 expects them."""
 
 _SESSION_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+_TASK_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,200}$"
 OutputFormat = Literal["opus", "mp3", "wav", "flac", "aac"]
 UnitFloat = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
@@ -82,9 +83,11 @@ class TTSRequest(BaseModel):
     def _plain_file_name(cls, name: str | None) -> str | None:
         if name is None:
             return None
-        if not name or name in (".", "..") or any(c in name for c in "/\\\x00") or len(name) > 255:
+        # A file name holds at most 255 bytes, and the worker may add an extension: keep room for it.
+        if not name or name in (".", "..") or any(c in name for c in "/\\\x00") or len(name.encode()) > 240:
             raise ValueError(
-                f"must be a plain file name inside AUDIO_VOICES_DIR (no path parts, no NUL), got {name!r}"
+                f"must be a plain file name inside AUDIO_VOICES_DIR (no path parts, no NUL, at most 240 "
+                f"bytes), got {echo(name)}"
             )
         return name
 
@@ -114,7 +117,7 @@ class TTSRequest(BaseModel):
         rate = self.effective_sample_rate
         if kbps not in fmt.bitrates_kbps(rate):
             allowed = f"{fmt.name} at {rate} Hz allows {fmt.describe_bitrates(rate)}"
-            raise _FieldError("bitrate", f"{allowed} (got {self.bitrate})")
+            raise _FieldError("bitrate", f"{allowed} (got {echo(self.bitrate)})")
         return self
 
     @property
@@ -124,22 +127,34 @@ class TTSRequest(BaseModel):
 
     @property
     def effective_bitrate(self) -> str | None:
-        """The output bitrate: the one asked for, else the format's default at the output rate (None
-        when lossless)."""
-        return self.bitrate or FORMATS[self.output_format].default_bitrate(self.effective_sample_rate)
+        """The output bitrate as ffmpeg is given it (`<kbps>k`): the one asked for, else the format's
+        default at the output rate (None when lossless)."""
+        if self.bitrate:
+            return f"{parse_bitrate(self.bitrate)}k"
+        return FORMATS[self.output_format].default_bitrate(self.effective_sample_rate)
 
     def to_message(self) -> dict[str, Any]:
         """The fields the caller set, as JSON-ready kwargs for the task message."""
         return self.model_dump(mode="json", exclude_unset=True)
 
 
+def check_task_id(task_id: Any) -> None:
+    """Refuse a task id that would forge lines in the worker's log (a newline) or hold a path: every
+    task id is letters, digits and `._:-` (Celery's UUIDs, tts-backfill's `backfill:<ns>:<row>`)."""
+    if not isinstance(task_id, str) or not re.fullmatch(_TASK_ID_PATTERN, task_id):
+        raise InvalidRequest(
+            f"invalid request: task_id: must match {_TASK_ID_PATTERN} (got {echo(task_id)})", field="task_id"
+        )
+
+
 def object_name(request: TTSRequest, job_id: str) -> str:
     """The name the audio is stored under (before its extension): `session_id`, else the job's (task)
-    id, which must then follow the same rule, since it becomes a file or object name."""
+    id, which must then follow session_id's rule, since it becomes a file or object name."""
+    check_task_id(job_id)
     if request.session_id is None and not re.fullmatch(_SESSION_ID_PATTERN, job_id):
         raise InvalidRequest(
             f"invalid request: task_id: names the audio when session_id is not set, so it must match "
-            f"{_SESSION_ID_PATTERN} (got {job_id[:140]!r}); choose another or set session_id",
+            f"{_SESSION_ID_PATTERN} (got {echo(job_id)}); choose another or set session_id",
             field="task_id",
         )
     return request.session_id or job_id
@@ -166,7 +181,8 @@ def parse_request(fields: Mapping[str, Any], *, max_text_chars: int = MAX_TEXT_C
 def _describe(error: Any) -> tuple[str, str]:
     """(field, 'field: rule') for one pydantic error, in words a caller can act on."""
     loc = [str(part) for part in error["loc"]]
-    field = loc[0] if loc else "request"
+    name = loc[0] if loc else "request"
+    field = name[:ECHO_LIMIT]  # an unknown field's name is the caller's input too
     ctx_error = (error.get("ctx") or {}).get("error")
     if isinstance(ctx_error, _FieldError):
         return ctx_error.field, f"{ctx_error.field}: {ctx_error}"
@@ -174,13 +190,8 @@ def _describe(error: Any) -> tuple[str, str]:
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(field, TTSRequest.model_fields, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return field, f"{field}: unknown field{hint}"
+        return field, f"{field if field == name else echo(name)}: unknown field{hint}"
     message = str(ctx_error) if error["type"] == "value_error" else error["msg"]
     message = message[:1].lower() + message[1:]
-    got = error.get("input")
-    shown = "" if error["type"] in ("missing", "value_error") or _long(got) else f" (got {got!r})"
+    shown = "" if error["type"] in ("missing", "value_error") else f" (got {echo(error.get('input'))})"
     return field, f"{where}: {message}{shown}"
-
-
-def _long(value: Any) -> bool:
-    return isinstance(value, (str, list, dict)) and len(value) > 40

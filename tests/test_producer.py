@@ -51,9 +51,16 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str, str]] = [
     ({**VALID, "crossfade_ms": 1001}, "crossfade_ms", "less than or equal to 1000"),
     ({**VALID, "output_format": "ogg"}, "output_format", "opus"),
     ({**VALID, "bitrate": "fast"}, "bitrate", "128k"),
+    ({**VALID, "bitrate": "\uff11\uff12\uff18k"}, "bitrate", "ASCII digits"),  # full-width 128k
+    ({**VALID, "bitrate": "1" * 100_000 + "k"}, "bitrate", "(100001 characters)"),
+    ({**VALID, "speaker_voice": "v" * 1_000_000}, "speaker_voice", "(1000000 characters)"),
+    ({**VALID, "speaker_voice": "v" * 241}, "speaker_voice", "at most 240 bytes"),
+    ({**VALID, "emo_audio_prompt": "v" * 1_000_000}, "emo_audio_prompt", "(1000000 characters)"),
+    ({"text": ["w" * 1_000_000]}, "text", "characters as text)"),
+    ({"text": {"k": "w" * 1_000_000}}, "text", "characters as text)"),
     ({**VALID, "bitrate": "300k"}, "bitrate", "6k to 256k"),
     ({**VALID, "output_format": "mp3", "bitrate": "192k"}, "bitrate", "at 24000 Hz allows 8k, 16k, "),
-    ({**VALID, "output_format": "mp3", "bitrate": "150k"}, "bitrate", "144k or 160k (got 150k)"),
+    ({**VALID, "output_format": "mp3", "bitrate": "150k"}, "bitrate", "144k or 160k (got '150k')"),
     ({**VALID, "output_format": "mp3", "sample_rate": 44100, "bitrate": "384k"}, "bitrate", "256k or 320k"),
     ({**VALID, "output_format": "mp3", "sample_rate": 8000, "bitrate": "80k"}, "bitrate", "56k or 64k"),
     ({**VALID, "output_format": "aac", "bitrate": "320k"}, "bitrate", "aac at 24000 Hz allows 16k to 144k"),
@@ -109,6 +116,7 @@ def test_bad_request_names_field_and_rule(fields: dict[str, Any], field: str, ru
     assert caught.value.field == field
     assert f"{field}" in str(caught.value)
     assert rule in str(caught.value)
+    assert len(str(caught.value)) < 400  # a value is echoed in part, never whole
 
 
 def test_every_field_can_be_set() -> None:
@@ -205,7 +213,7 @@ def test_nothing_is_enqueued_for_a_bad_request(
     assert [k for k in broker.scan_iter() if not k.startswith(b"_kombu.binding.")] == []
 
 
-@pytest.mark.parametrize("task_id", ["orders/1234", "a b", "", "x" * 129, "../up"])
+@pytest.mark.parametrize("task_id", ["x" * 129, "backfill:book:7"])
 def test_a_task_id_that_would_name_the_audio_must_be_a_plain_name(
     task_id: str, unserved: tuple[TTSTask, redis.Redis]
 ) -> None:
@@ -220,6 +228,18 @@ def test_a_task_id_that_would_name_the_audio_must_be_a_plain_name(
         kwargs={"text": "Hello.", "session_id": "order-1234"}, task_id=task_id
     )  # it names nothing
     assert broker.llen("tts") == 1
+
+
+@pytest.mark.parametrize("task_id", ["orders/1234", "a b", "", "x" * 201, "../up", "ok\nERROR forged line"])
+def test_every_task_id_is_checked_session_id_or_not(
+    task_id: str, unserved: tuple[TTSTask, redis.Redis]
+) -> None:
+    tts, broker = unserved
+    for fields in ({"text": "Hello."}, {"text": "Hello.", "session_id": "order-1234"}):
+        with pytest.raises(InvalidRequest, match=r"task_id: must match") as caught:
+            tts.apply_async(kwargs=fields, task_id=task_id)
+        assert caught.value.field == "task_id" and "\n" not in str(caught.value)
+    assert broker.llen("tts") == 0
 
 
 def test_a_good_request_is_enqueued_by_name(unserved: tuple[TTSTask, redis.Redis]) -> None:

@@ -25,6 +25,7 @@ def voices(tmp_path: Path) -> Path:
     (tmp_path / "secret.wav").write_bytes((directory / "alice.wav").read_bytes())
     (directory / "escape.wav").symlink_to(tmp_path / "secret.wav")
     (directory / "inside.wav").symlink_to(directory / "alice.wav")
+    (directory / "loop.wav").symlink_to(directory / "loop.wav")  # in the listing of every refusal
     return directory
 
 
@@ -57,6 +58,8 @@ def test_symlink_that_stays_inside_is_fine(voices: Path) -> None:
         ("notes", "not readable audio"),
         ("empty", "holds no audio"),
         ("long", "lasts 5.0 s"),
+        ("x" * 300, "no voice 'xxxx"),  # too long for the file system: a refusal, not an OSError
+        ("loop", "no voice 'loop'"),  # a symlink loop
     ],
 )
 def test_refusals_say_why(voices: Path, name: str, words: str) -> None:
@@ -68,6 +71,7 @@ def test_refusals_say_why(voices: Path, name: str, words: str) -> None:
     assert isinstance(caught.value, InvalidRequest)
     # Every refusal lists the voices a request may name: not the link out, not the broken files.
     assert str(caught.value).endswith("; available: alice.wav, bob.flac, inside.wav")
+    assert str(voices.parent) not in str(caught.value) and len(str(caught.value)) < 300  # no disk layout
 
 
 def test_available_voices_are_those_that_resolve(voices: Path) -> None:

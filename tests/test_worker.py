@@ -182,3 +182,16 @@ def test_the_running_worker_has_the_designed_configuration(tone_worker: WorkerHa
         destination=[tone_worker.process.name], timeout=5
     ).active_queues()
     assert [q["name"] for q in queues[tone_worker.process.name]] == ["tts", "tts.backfill"]
+
+
+def test_a_task_id_with_a_line_break_is_refused_and_forges_no_log_line(tone_worker: WorkerHandle) -> None:
+    """Sent raw, past the producer's check: Celery logs the id as it receives it, the worker refuses it."""
+    forged = "ok\nERROR/MainProcess] forged line"
+    result = tone_worker.app.send_task("tts.synthesize", kwargs={"text": "Hi."}, task_id=forged)
+    with pytest.raises(InvalidRequest, match="task_id: must match") as caught:
+        result.get(timeout=30)
+    assert "\n" not in str(caught.value)
+    assert tone_worker.tts.delay(text="Still serving.").get(timeout=30)["status"] == "completed"
+    log = tone_worker.process.log()
+    assert "ok\\nERROR/MainProcess] forged line" in log  # escaped on the line that carries it
+    assert not any(line.startswith("ERROR/MainProcess] forged") for line in log.splitlines())

@@ -110,6 +110,30 @@ def _configure(sender: Celery, **_: Any) -> None:
     sender.conf.update(worker_config(settings))
 
 
+class OneLinePerRecord(logging.Filter):
+    """Escapes line breaks and other control characters in every log message, so that a value that
+    came with a job (a task id, a field Celery repeats) can never start a forged line of the log."""
+
+    _CONTROL = {code: f"\\x{code:02x}" for code in [*range(32), 127] if chr(code) != "\t"} | {
+        10: "\\n",
+        13: "\\r",
+    }
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        escaped = message.translate(self._CONTROL)
+        if escaped != message:
+            record.msg, record.args = escaped, None
+        return True
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _one_line_per_record(logger: logging.Logger, **_: Any) -> None:
+    for handler in logger.handlers:
+        handler.addFilter(OneLinePerRecord())
+
+
 @signals.worker_init.connect
 def _check_before_start(**_: Any) -> None:
     """Refuse to start, with a clear message, when ffmpeg, the engine or the storage cannot be used.

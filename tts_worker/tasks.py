@@ -27,7 +27,7 @@ from producer.errors import (
     PoisonedJob,
     TransientError,
 )
-from producer.schema import parse_request
+from producer.schema import check_task_id, parse_request
 from tts_worker import runtime
 from tts_worker.lease import LeasedRequest
 from tts_worker.pipeline import log_done, run_job, text_chunks
@@ -67,6 +67,7 @@ class _SynthesisTask(Task[Any, dict[str, Any]]):
 def synthesize(self: Task[Any, dict[str, Any]], *args: Any, **fields: Any) -> dict[str, Any]:
     """Validate the fields, synthesise, store, and return the result dict with the presigned URL."""
     job_id = str(self.request.id)
+    check_task_id(job_id)  # before any log line of ours repeats it
     if args:
         raise InvalidRequest("request: tts.synthesize takes keyword fields only", field="request")
     services = runtime.services()

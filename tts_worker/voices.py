@@ -10,7 +10,7 @@ from pathlib import Path
 
 import soundfile
 
-from producer.errors import UnknownVoice
+from producer.errors import UnknownVoice, echo
 
 __all__ = ["AUDIO_EXTENSIONS", "available_voices", "resolve_voice"]
 
@@ -25,20 +25,32 @@ def resolve_voice(name: str, voices_dir: Path, *, field: str, max_seconds: float
         return UnknownVoice(f"{field}: {why}; {_known(voices_dir, max_seconds)}", field=field)
 
     if not name or "\x00" in name or Path(name).name != name or name in (".", ".."):
-        raise refuse(f"must be a plain file name, got {name!r}")
+        raise refuse(f"must be a plain file name, got {echo(name)}")
     root = voices_dir.resolve()
     candidates = [name] if Path(name).suffix.lower() in AUDIO_EXTENSIONS else []
     candidates += [name + ext for ext in AUDIO_EXTENSIONS]
     for candidate in candidates:
-        path = (root / candidate).resolve()
-        if path.is_file():
-            if not path.is_relative_to(root):
-                raise refuse(f"{name!r} leads outside AUDIO_VOICES_DIR")
-            problem = _audio_problem(path, max_seconds=max_seconds)
-            if problem:
-                raise refuse(problem)
-            return path
-    raise refuse(f"no voice {name!r} in {voices_dir}")
+        path = _file_inside(root, candidate)
+        if path is None:
+            continue
+        if not path.is_relative_to(root):
+            raise refuse(f"{echo(name)} leads outside AUDIO_VOICES_DIR")
+        problem = _audio_problem(path, max_seconds=max_seconds)
+        if problem:
+            raise refuse(problem)
+        return path
+    # Never the directory's path: the caller needs the name, not the layout of the worker's disk.
+    raise refuse(f"no voice {echo(name)} in AUDIO_VOICES_DIR")
+
+
+def _file_inside(root: Path, name: str) -> Path | None:
+    """`root / name` resolved, if it is a file (wherever it leads); None when it is not, or cannot be
+    looked at (a name too long for the file system, a symlink loop, no permission)."""
+    try:
+        path = (root / name).resolve()
+        return path if path.is_file() else None
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop, before Python 3.13
+        return None
 
 
 def available_voices(voices_dir: Path, *, max_seconds: float) -> list[str]:
@@ -49,9 +61,8 @@ def available_voices(voices_dir: Path, *, max_seconds: float) -> list[str]:
     root = voices_dir.resolve()
     usable = []
     for entry in voices_dir.iterdir():
-        path = entry.resolve()
-        inside = entry.suffix.lower() in AUDIO_EXTENSIONS and path.is_file() and path.is_relative_to(root)
-        if inside and _audio_problem(path, max_seconds=max_seconds) is None:
+        path = _file_inside(root, entry.name) if entry.suffix.lower() in AUDIO_EXTENSIONS else None
+        if path and path.is_relative_to(root) and _audio_problem(path, max_seconds=max_seconds) is None:
             usable.append(entry.name)
     return sorted(usable)
 
@@ -69,7 +80,8 @@ def _audio_problem(path: Path, *, max_seconds: float) -> str | None:
     try:
         info = soundfile.info(str(path))
     except (soundfile.LibsndfileError, RuntimeError) as exc:
-        return f"{path.name} is not readable audio ({exc})"
+        # libsndfile's message names the absolute path; its error string alone does not.
+        return f"{path.name} is not readable audio ({getattr(exc, 'error_string', '') or type(exc).__name__})"
     if info.frames == 0:
         return f"{path.name} holds no audio"
     if info.duration > max_seconds:
