@@ -125,12 +125,20 @@ def test_files_older_than_cleanup_days_are_removed(settings: Settings) -> None:
     for name in ("old.ogg", "new.ogg", "sub/old.mp3"):
         storage.put(name, b"audio", content_type="audio/ogg", metadata={"job-id": name})
     (settings.output_audio_dir / ".crashed.ogg.x1.part").write_bytes(b"half")
+    (settings.output_audio_dir / "..crashed.ogg.json.x2.part").write_bytes(b"half")
+    # Files this storage never writes, as when OUTPUT_AUDIO_DIR points at a model folder: kept.
+    others = ("gpt.pth", "config.yaml", "notes.json", ".hidden", "x.ogg.bak", "voices/alice.wav.txt")
+    for name in others:
+        (settings.output_audio_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (settings.output_audio_dir / name).write_bytes(b"keep me")
     three_days_ago = time.time() - 3 * DAY_S
-    for name in ("old.ogg", ".old.ogg.json", "sub/old.mp3", "sub/.old.mp3.json", ".crashed.ogg.x1.part"):
+    old = ("old.ogg", ".old.ogg.json", "sub/old.mp3", "sub/.old.mp3.json", ".crashed.ogg.x1.part",
+           "..crashed.ogg.json.x2.part", *others)  # fmt: skip
+    for name in old:
         os.utime(settings.output_audio_dir / name, (three_days_ago, three_days_ago))
     assert LocalStorage(replace(settings, cleanup_days=0)).sweep() == 0  # 0 keeps everything
-    assert storage.sweep() == 5
-    assert listing(settings.output_audio_dir) == [".new.ogg.json", "new.ogg"]
+    assert storage.sweep() == 6
+    assert listing(settings.output_audio_dir) == sorted([".new.ogg.json", "new.ogg", *others])
 
 
 def test_the_worker_stops_at_start_when_the_directory_is_unusable(settings: Settings) -> None:

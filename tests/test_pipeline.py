@@ -172,15 +172,24 @@ def test_chunking_and_crossfade_fields_shape_the_audio(
         "... " * 30 + "and then she spoke.",  # punctuation first
         "It ended. " + "— " * 40,  # punctuation last
         "\u4ed6\u8d70\u4e86\u3002 " + "\u3002 " * 80 + "\u5979\u7b11\u4e86\u3002",  # CJK full stops alone
+        "Hello there. " + "! " * 4000 + "Bye now.",  # punctuation runs far past the limit
     ],
 )
-def test_punctuation_alone_joins_a_neighbour_instead_of_failing_the_job(text: str) -> None:
-    """Piper speaks nothing for "...", and IndexTTS2 fails: no chunk may hold only punctuation."""
+def test_punctuation_alone_joins_a_neighbour_within_the_limit_instead_of_failing_the_job(text: str) -> None:
+    """Piper speaks nothing for "...", and IndexTTS2 fails: no chunk may hold only punctuation, and
+    none may grow past `max_chars_per_chunk` by taking it in (silent punctuation is left out then)."""
     pieces = split_text(text, 50)
     assert any(not any(char.isalnum() for char in piece) for piece in pieces)  # the case arises
     chunks = text_chunks(parse_request({"text": text, "max_chars_per_chunk": 50}))
     assert all(any(char.isalnum() for char in chunk) for chunk in chunks), chunks
-    assert "".join("".join(chunks).split()) == "".join(text.split())  # nothing lost but white space
+    assert max(len(chunk) for chunk in chunks) <= 50
+    spoken = "".join(char for char in text if char.isalnum())
+    assert "".join(char for char in "".join(chunks) if char.isalnum()) == spoken  # no word lost
+
+
+def test_a_text_of_punctuation_alone_stays_one_chunk_within_the_limit() -> None:
+    chunks = text_chunks(parse_request({"text": "! " * 5000, "max_chars_per_chunk": 300}))
+    assert len(chunks) == 1 and len(chunks[0]) <= 300  # the engine then says it is unreadable
 
 
 def test_unreadable_text_is_a_permanent_error(services: Services, job_id: str) -> None:

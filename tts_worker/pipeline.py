@@ -105,17 +105,20 @@ def text_chunks(request: TTSRequest) -> list[str]:
 
     A piece of punctuation alone ("...", "—", a closing bracket cut off by the size limit) makes
     no sound in any engine (Piper returns nothing, IndexTTS2 fails), so it joins its neighbour
-    instead of failing the job; a chunk may then run over the limit by that punctuation.
+    instead of failing the job, as long as the chunk stays within `max_chars_per_chunk`; past it,
+    the silent piece is left out (`"! " * 5000` made one chunk of 10,000 characters).
     """
-    pieces = (
-        split_text(request.text, request.max_chars_per_chunk) if request.enable_chunking else [request.text]
-    )
+    if not request.enable_chunking:
+        return [request.text.strip()]
+    limit = request.max_chars_per_chunk
     chunks: list[str] = []
-    for piece in pieces:
-        if chunks and not (_speakable(piece) and _speakable(chunks[-1])):
-            chunks[-1] += piece
-        else:
+    for piece in split_text(request.text, limit):
+        if not chunks or (_speakable(piece) and _speakable(chunks[-1])):
             chunks.append(piece)
+        elif len(chunks[-1]) + len(piece) <= limit:
+            chunks[-1] += piece
+        elif _speakable(piece):  # the chunk before is silent and full: the piece takes its place
+            chunks[-1] = piece
     return [chunk.strip() for chunk in chunks if chunk.strip()]
 
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -31,6 +32,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_before_delay, wait_random_exponential
 
 from producer.errors import StorageError
+from producer.formats import FORMATS
 from tts_worker.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -264,15 +266,18 @@ class LocalStorage:
         return self._path(key).as_uri()
 
     def sweep(self) -> int:
-        """Remove files (and left-over temporary files) older than CLEANUP_DAYS; how many went."""
+        """Remove the files this storage wrote (audio, its metadata, left-over temporary files) that
+        are older than CLEANUP_DAYS; how many went. Nothing else is touched, wherever
+        OUTPUT_AUDIO_DIR points (a model folder, a home directory)."""
         if not self.cleanup_days or not self.root.is_dir():
             return 0
         cutoff, removed = time.time() - self.cleanup_days * 86_400, 0
         for path in self.root.rglob("*"):
             with suppress(OSError):  # gone meanwhile, or not ours to remove: leave it
-                if path.is_file() and path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    removed += 1
+                if _written_here(path.name) and path.is_file() and not path.is_symlink():
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        removed += 1
         return removed
 
     def _sweep_if_due(self) -> None:
@@ -293,6 +298,21 @@ class LocalStorage:
 
 
 _DIGEST = "sha256"
+
+
+_AUDIO_NAME = re.compile(
+    r"[A-Za-z0-9._-]+(" + "|".join(re.escape(fmt.extension) for fmt in FORMATS.values()) + ")"
+)
+
+
+def _written_here(name: str) -> bool:
+    """Whether a file name is one this storage writes: audio (`<id>.<ext>`), its metadata
+    (`.<id>.<ext>.json`) or a temporary file of either (`.<name>.<random>.part`)."""
+    if name.startswith(".") and name.endswith(".part"):  # `_write_atomically`'s temporary name
+        name = name[1:].rsplit(".", 2)[0]
+    if name.startswith(".") and name.endswith(".json"):  # `_sidecar`
+        name = name[1:-5]
+    return bool(_AUDIO_NAME.fullmatch(name))
 
 
 def _sidecar(path: Path) -> Path:
