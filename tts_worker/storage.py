@@ -274,10 +274,10 @@ class LocalStorage:
         cutoff, removed = time.time() - self.cleanup_days * 86_400, 0
         for path in self.root.rglob("*"):
             with suppress(OSError):  # gone meanwhile, or not ours to remove: leave it
-                if _written_here(path.name) and path.is_file() and not path.is_symlink():
-                    if path.stat().st_mtime < cutoff:
-                        path.unlink()
-                        removed += 1
+                ours = _written_here(path.name) and path.is_file() and not path.is_symlink()
+                if ours and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
         return removed
 
     def _sweep_if_due(self) -> None:
