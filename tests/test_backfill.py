@@ -326,6 +326,16 @@ def test_manifest_has_one_writer_and_survives_a_torn_line(tmp_path: Path) -> Non
     assert index.status == {"a": "completed", "c": "failed"} and index.unreadable_lines == 1
 
 
+def test_the_manifest_is_private_to_its_owner(tmp_path: Path) -> None:
+    """Completed lines hold presigned URLs: 0600, for a new manifest and for one made readable before."""
+    fresh, older = tmp_path / "new.jsonl", tmp_path / "old.jsonl"
+    older.write_text("")
+    older.chmod(0o644)
+    for path in (fresh, older):
+        ManifestWriter(path).close()
+        assert path.stat().st_mode & 0o777 == 0o600
+
+
 # --- against Redis and workers -----------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -24,6 +25,7 @@ from runpod.serverless.modules import rp_http, rp_scale
 
 from tests.test_audio import join_chunks
 from tts_worker import health, runpod_handler, runtime
+from tts_worker.devstack import free_port
 from tts_worker.engines.base import NO_OPTIONS, Audio, GenerationOptions, VoiceInputs
 from tts_worker.engines.tone import ToneEngine
 
@@ -165,6 +167,18 @@ def test_the_health_check_reports_each_part_and_skips_the_broker(shim: None) -> 
     assert checks["s3"] == checks["storage"] and "bucket 'tts-test'" in checks["s3"]["details"]
     assert checks["configuration"] == checks["settings"] and checks["checkpoints"] == checks["model_files"]
     assert checks["hardware"] == checks["gpu"]
+    # A caller reads this reply: no internal host, no path of the worker's disk.
+    assert "://" not in json.dumps(report) and os.environ["AUDIO_VOICES_DIR"] not in json.dumps(report)
+    assert "bucket 'tts-test' at <url>" in checks["storage"]["details"]
+
+
+def test_errors_name_no_internal_host_or_path(shim: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = free_port()  # nothing listens: S3 refuses every connection
+    for name, value in {"S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "STORAGE_RETRY_S": "0"}.items():
+        monkeypatch.setenv(name, value)
+    [outcome] = run({"text": "Hi."})
+    assert outcome["error"].startswith("StorageError: S3 could not look up")
+    assert str(port) not in outcome["error"] and "://" not in outcome["error"]
 
 
 def test_the_seed_s_names_stand_for_failed_checks_too() -> None:
@@ -233,7 +247,8 @@ def test_an_unexpected_error_is_named_without_a_traceback(
 ) -> None:
     monkeypatch.setattr(runtime, "services", lambda: 1 / 0)
     [outcome] = run({"text": "Hi."})
-    assert outcome == {"error": "internal error (ZeroDivisionError): division by zero"}
+    # Its class alone: an unexpected error's message may hold anything (a path, a host).
+    assert outcome == {"error": "internal error (ZeroDivisionError); the worker's log has the details"}
 
 
 NOT_FOR_LOGS = ("X-Amz-Signature", "audio_chunk")

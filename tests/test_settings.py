@@ -21,6 +21,7 @@ def test_defaults() -> None:
     assert settings.celery_result_backend == settings.celery_broker_url
     assert settings.task_time_limit_s > settings.task_soft_time_limit_s
     assert (settings.recovery_s, settings.storage_retry_s, settings.result_retry_s) == (60, 120, 300)
+    assert settings.metrics_address == "127.0.0.1"  # metrics reach another host only when asked to
     assert settings.audio_voices_dir == Path("voices")
 
 

@@ -13,6 +13,10 @@ Requests and responses keep the seed's shape, so its clients work unchanged:
 - errors: `{"error": "<message>"}`, the traceback only in the log. When the engine leaves the GPU
   unusable, the worker asks RunPod to replace it (`refresh_worker`).
 
+Replies go to whoever may call the endpoint: errors and health details name no internal host or
+absolute path (`<url>`, `<path>` stand in for them; the worker's log keeps them whole), and an
+unexpected error says only its class.
+
 As in the seed, the handler is a generator started with `return_aggregate_stream`: a batch job's
 output is a one-item list. The seed's `output_format: "pcm_16"` means opus in batch mode (the seed
 encoded opus whatever it said); our other formats are accepted too. No broker is used.
@@ -36,7 +40,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from producer.errors import EngineUnusable, InvalidRequest, PermanentError, TTSError
+from producer.errors import EngineUnusable, InvalidRequest, PermanentError, TTSError, echo
 from producer.schema import TTSRequest, parse_request
 from tts_worker import health, runtime
 from tts_worker.pipeline import Services, log_done, run_job, text_chunks
@@ -91,14 +95,14 @@ def split_options(fields: Mapping[str, Any]) -> tuple[RunPodOptions, dict[str, A
     except ValidationError as exc:
         error = exc.errors()[0]
         field = str(error["loc"][0]) if error["loc"] else "input"
-        message = f"invalid request: {field}: {error['msg'].lower()} (got {error['input']!r})"
+        message = f"invalid request: {field}: {error['msg'].lower()} (got {echo(error['input'])})"
         raise InvalidRequest(message, field=field) from None
     if rest.get("output_format") == PCM_FORMAT:
         del rest["output_format"]  # the seed's default: raw PCM when streaming, opus otherwise
     elif options.stream and "output_format" in rest:
         raise InvalidRequest(
             f"invalid request: output_format: streaming sends {PCM_FORMAT!r} only "
-            f"(got {rest['output_format']!r})",
+            f"(got {echo(rest['output_format'])})",
             field="output_format",
         )
     if options.stream:
@@ -135,7 +139,10 @@ def _handle(job: dict[str, Any], job_id: str) -> Iterator[dict[str, Any]]:
     options, request_fields = split_options(fields)
     if options.action == "health_check":
         checks = health.run_checks(skip_broker="the RunPod handler uses no broker", loaded=runtime.services)
-        yield health.report(checks, seed_names=True)
+        reply = health.report(checks, seed_names=True)
+        for entry in reply["checks"].values():
+            entry["details"] = public(entry["details"])
+        yield reply
         return
     services = runtime.services()
     request = parse_request(request_fields, max_text_chars=services.settings.max_text_chars)
@@ -174,17 +181,26 @@ def _error(job_id: str, exc: Exception) -> dict[str, Any]:
     """The seed's error shape; asks RunPod for a fresh worker when this one's GPU is poisoned."""
     if isinstance(exc, PermanentError):
         log.warning("job %s failed: %s", job_id, exc)
-        return {"error": str(exc)}
+        return {"error": public(str(exc))}
     log.error("job %s failed: %s", job_id, exc, exc_info=exc)
     if isinstance(exc, EngineUnusable):
         # A generator handler's output cannot carry refresh_worker: the SDK reads it from the config.
         RUNPOD_CONFIG["refresh_worker"] = True
-        return {"error": f"{exc} (this worker will be replaced)", "refresh_worker": True}
+        return {"error": public(f"{exc} (this worker will be replaced)"), "refresh_worker": True}
     if isinstance(exc, TTSError):
-        return {"error": str(exc)}
+        return {"error": public(f"{type(exc).__name__}: {exc}")}
     if isinstance(exc, SettingsError):
-        return {"error": f"bad setting: {exc}"}
-    return {"error": f"internal error ({type(exc).__name__}): {exc}"}
+        return {"error": "the worker is misconfigured (a bad setting, named in its log)"}
+    return {"error": f"internal error ({type(exc).__name__}); the worker's log has the details"}
+
+
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"()<>]+", re.IGNORECASE)
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[\w.@+-]+/?)+")
+
+
+def public(text: str) -> str:
+    """`text` with URLs (hosts, credentials) and absolute paths replaced: what a caller may read."""
+    return _ABSOLUTE_PATH.sub("<path>", _URL.sub("<url>", text))
 
 
 _NOT_LOGGED = ("url", "audio_chunk")

@@ -92,7 +92,7 @@ class Settings:
     ffmpeg_binary: str = "ffmpeg"
     tone_rtf: float = 0.0
     metrics_port: int = 0
-    metrics_address: str = "0.0.0.0"
+    metrics_address: str = "127.0.0.1"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -147,7 +147,7 @@ class Settings:
             ffmpeg_binary=env.text("FFMPEG_BINARY", "ffmpeg"),
             tone_rtf=env.number("TONE_RTF", 0.0, low=0.0, high=100.0),
             metrics_port=env.integer("METRICS_PORT", 0, low=0, high=65535),
-            metrics_address=env.text("METRICS_ADDRESS", "0.0.0.0"),
+            metrics_address=env.text("METRICS_ADDRESS", "127.0.0.1"),
         )
         if env.optional("VISIBILITY_TIMEOUT"):
             raise SettingsError(
