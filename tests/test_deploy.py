@@ -171,6 +171,89 @@ def test_bucket_and_lifecycle_rule_are_created_at_start(config: dict[str, Any]) 
     assert 'mc ilm rule add --expire-days "$CLEANUP_DAYS"' in script
 
 
+def run_minio_init(config: dict[str, Any], tmp_path: Path, **env: str) -> tuple[int, list[str], Any]:
+    """minio-init's script under sh, with a stand-in `mc` that records its calls (there is no MinIO
+    here): the exit status, the mc calls, and the policy given to the workers' user."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    calls = tmp_path / "mc-calls"
+    mc = bin_dir / "mc"
+    keep_policy = f'[ "$1 $2 $3" != "admin policy create" ] || cp "$6" {tmp_path}/policy.json'
+    mc.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n{keep_policy}\n')
+    mc.chmod(0o755)
+    service = config["services"]["minio-init"]
+    script = service["entrypoint"][-1].replace("$$", "$")
+    variables = {**{k: str(v) for k, v in service["environment"].items()}, **env}
+    done = subprocess.run(
+        ["sh", "-ec", script], env={**variables, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    made = calls.read_text().splitlines() if calls.exists() else []
+    policy = (
+        json.loads((tmp_path / "policy.json").read_text()) if (tmp_path / "policy.json").exists() else None
+    )
+    return done.returncode, made, policy
+
+
+def test_minio_init_refuses_the_example_passwords(config: dict[str, Any], tmp_path: Path) -> None:
+    status, calls, _ = run_minio_init(config, tmp_path)  # .env.example's values
+    assert status != 0 and calls == []  # nothing is created, so nothing that depends on it starts
+
+
+def test_workers_get_a_user_of_their_bucket_not_minios_root(config: dict[str, Any], tmp_path: Path) -> None:
+    secrets = {"REDIS_PASSWORD": "r4nd0m-r", "MINIO_ROOT_PASSWORD": "r4nd0m-m",
+               "S3_WORKER_SECRET_KEY": "r4nd0m-w", "FLOWER_BASIC_AUTH": "operator:r4nd0m-f"}  # fmt: skip
+    status, calls, policy = run_minio_init(config, tmp_path, **secrets)
+    assert status == 0, calls
+    assert "admin user add local tts-worker r4nd0m-w" in calls
+    assert "admin policy attach local tts-worker --user tts-worker" in calls
+    [objects, bucket] = policy["Statement"]
+    assert (objects["Action"], objects["Resource"]) == (
+        ["s3:PutObject", "s3:GetObject"],
+        ["arn:aws:s3:::tts/*"],
+    )
+    assert bucket["Resource"] == ["arn:aws:s3:::tts"] and "s3:DeleteObject" not in json.dumps(policy)
+    worker = config["services"]["worker"]["environment"]
+    assert worker["S3_ACCESS_KEY_ID"] == "tts-worker"  # the name presigned URLs carry
+    assert (
+        worker["S3_SECRET_ACCESS_KEY"]
+        == config["services"]["minio-init"]["environment"]["S3_WORKER_SECRET_KEY"]
+    )
+
+
+def test_bootstrap_env_writes_random_passwords_that_everything_accepts(tmp_path: Path) -> None:
+    for name in ("bootstrap", ".env.example"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    done = subprocess.run(["./bootstrap", "env"], cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    env_file = tmp_path / ".env"
+    values = [
+        line.partition("=")[2] for line in env_file.read_text().splitlines() if not line.startswith("#")
+    ]
+    assert env_file.stat().st_mode & 0o777 == 0o600 and not any("change-me" in value for value in values)
+    names = [
+        line.split("=")[0] for line in env_file.read_text().splitlines() if "=" in line and line[0] != "#"
+    ]
+    assert names == [line.split("=")[0] for line in (ROOT / ".env.example").read_text().splitlines()
+                     if "=" in line and line[0] != "#"]  # fmt: skip
+    config = compose_config(env_file)
+    status, _, _ = run_minio_init(config, tmp_path)
+    assert status == 0
+    worker = {k: str(v) for k, v in config["services"]["worker"]["environment"].items()}
+    Settings.from_env(worker)  # the settings check finds no example password
+    first = env_file.read_text()
+    again = subprocess.run(["./bootstrap", "env"], cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert again.returncode == 1 and "--force" in again.stderr and env_file.read_text() == first
+    subprocess.run(["./bootstrap", "env", "--force"], cwd=tmp_path, capture_output=True, check=True)
+    assert env_file.read_text() != first
+
+
+def test_secrets_stay_out_of_git_and_the_image() -> None:
+    assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ".env" in ignored and ".git" in ignored and ".venv" in ignored
+
+
 def test_flower_needs_basic_auth(config: dict[str, Any]) -> None:
     flower = config["services"]["flower"]
     assert flower["entrypoint"] == ["python", "-m", "tts_worker", "flower"]

@@ -211,6 +211,12 @@ def test_flower_refuses_to_start_without_credentials(worker: WorkerHandle) -> No
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert done.returncode != 0 and "set FLOWER_BASIC_AUTH=user:password" in done.stderr
+    example = {"FLOWER_BASIC_AUTH": "operator:change-me-flower"}  # .env.example's, never changed
+    done = subprocess.run(
+        [sys.executable, "-m", "tts_worker", "flower"], env={**env, **example},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0 and "still holds the example's change-me password" in done.stderr
 
 
 def test_the_worker_serves_job_metrics(worker: WorkerHandle) -> None:

@@ -110,6 +110,11 @@ def test_secrets_stay_out_of_repr() -> None:
             "OUTPUT_BASE_URL must be a URL starting with http:// or https://",
         ),
         ({**MINIMAL, "VISIBILITY_TIMEOUT": "7200"}, "VISIBILITY_TIMEOUT is no longer read"),
+        ({**MINIMAL, "S3_SECRET_ACCESS_KEY": "change-me-worker-secret"}, "S3_SECRET_ACCESS_KEY still holds"),
+        (
+            {**MINIMAL, "CELERY_BROKER_URL": "redis://:change-me-redis@r:6379/0"},
+            "CELERY_BROKER_URL still holds",
+        ),
         ({**MINIMAL, "CELERY_BROKER_URL": "sentinel://s1:26379/0"}, "REDIS_SENTINEL_MASTER must name"),
         ({**MINIMAL, "RECOVERY_S": "5"}, "RECOVERY_S must be between 6 and 3600"),
         ({**MINIMAL, "STORAGE_RETRY_S": "-1"}, "STORAGE_RETRY_S must be between 0 and 3600"),

@@ -18,6 +18,8 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
+from tts_worker.settings import EXAMPLE_PASSWORD
+
 __all__ = ["flower_command", "main"]
 
 
@@ -68,6 +70,11 @@ def flower_command(extra: Sequence[str], environ: Mapping[str, str]) -> list[str
         raise SystemExit(
             "tts_worker: set FLOWER_BASIC_AUTH=user:password (several separated by commas): "
             "without it Flower's pages are open to anyone who can reach the port"
+        )
+    if any(EXAMPLE_PASSWORD in entry.partition(":")[2] for entry in credentials):
+        raise SystemExit(
+            f"tts_worker: FLOWER_BASIC_AUTH still holds the example's {EXAMPLE_PASSWORD} password: "
+            "set your own (./bootstrap env writes a .env with random ones)"
         )
     # The credentials stay in the environment, where Flower reads them, not in `ps` output.
     return [sys.executable, "-m", "celery", "-A", "producer", "flower", *extra]

@@ -19,6 +19,7 @@ from producer.schema import MAX_TEXT_CHARS
 __all__ = [
     "ATTN_BACKENDS",
     "ENGINES",
+    "EXAMPLE_PASSWORD",
     "MAX_RETRY_WAIT_S",
     "MAX_TEXT_TOKENS",
     "OUTPUT_STORAGES",
@@ -29,6 +30,9 @@ __all__ = [
 ENGINES = ("indextts2", "piper", "tone")
 OUTPUT_STORAGES = ("s3", "local")
 ATTN_BACKENDS = ("", "sage", "flash")
+EXAMPLE_PASSWORD = "change-me"
+"""What every password in .env.example starts with: a value still holding it was never set, and is
+refused (`./bootstrap env` writes a .env with random ones)."""
 MAX_RETRY_WAIT_S = 300
 """The longest wait between two retries of a transient error (the task's `retry_backoff_max`)."""
 MAX_TEXT_TOKENS = 600
@@ -156,7 +160,22 @@ class Settings:
             )
         settings.check_time_limits()
         settings.check_sentinel()
+        settings.check_passwords()
         return settings
+
+    def check_passwords(self) -> None:
+        """Refuse the example's passwords: a deployment that still has them is open to anyone who read it."""
+        secrets = {
+            "S3_SECRET_ACCESS_KEY": self.s3_secret_access_key or "",
+            "CELERY_BROKER_URL": urlsplit(self.celery_broker_url).password or "",
+            "CELERY_RESULT_BACKEND": urlsplit(self.celery_result_backend).password or "",
+        }
+        for name, secret in secrets.items():
+            if EXAMPLE_PASSWORD in secret:
+                raise SettingsError(
+                    f"{name} still holds the example's {EXAMPLE_PASSWORD} password: set your own "
+                    "(./bootstrap env writes a .env with random ones)"
+                )
 
     def check_sentinel(self) -> None:
         """A `sentinel://` URL names sentinels, not Redis: the primary's name must be given too."""
