@@ -10,6 +10,7 @@ here because importing ``producer`` imports this module).
     │   │   └── UnknownVoice      a voice name that is not a usable file in AUDIO_VOICES_DIR
     │   ├── UnreadableText        the engine produced no audio for the text
     │   ├── EncodingError         ffmpeg refused the audio (its stderr is in the message)
+    │   ├── SessionTaken          the audio's name holds another job's audio (`overwrite` not set)
     │   ├── JobTimeLimitExceeded  the job ran past its soft time limit
     │   └── PoisonedJob           the job poisoned the engine's device in several worker processes
     └── TransientError            retried with backoff, a bounded number of times
@@ -37,6 +38,7 @@ __all__ = [
     "PermanentError",
     "PoisonedJob",
     "QueueUnavailable",
+    "SessionTaken",
     "StorageError",
     "TTSError",
     "TransientError",
@@ -84,6 +86,11 @@ class UnknownVoice(InvalidRequest):
 
 class UnreadableText(PermanentError):
     """The engine produced no audio for a chunk of the text."""
+
+
+class SessionTaken(PermanentError):
+    """The name the audio would be stored under (`session_id`) holds audio another job stored; nothing
+    is stored. `overwrite: true` replaces it; a redelivery of the job that stored it reuses it."""
 
 
 class EncodingError(PermanentError):

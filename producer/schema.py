@@ -60,6 +60,7 @@ class TTSRequest(BaseModel):
     bitrate: str | None = None
     sample_rate: int | None = None
     session_id: str | None = Field(default=None, pattern=_SESSION_ID_PATTERN)
+    overwrite: bool = False
     presign_expires_s: int | None = Field(default=None, ge=60, le=604_800)
     # IndexTTS2's generation options; None keeps the engine's own default. Other engines ignore them.
     interval_silence: int | None = Field(default=None, ge=0, le=2000)

@@ -156,7 +156,13 @@ def test_presigned_urls_name_the_public_endpoint_and_download(
     http://localhost:9000: here the worker uses 127.0.0.1 and the URL names localhost."""
     public = s3_server.url.replace("127.0.0.1", "localhost")
     storage = make_storage(Settings.from_env({**base_env, "S3_PUBLIC_ENDPOINT_URL": public}))
-    storage.put("public-endpoint.ogg", b"OggS public", content_type="audio/ogg", metadata={"job-id": "p"})
+    storage.put(
+        "public-endpoint.ogg",
+        b"OggS public",
+        content_type="audio/ogg",
+        metadata={"job-id": "p"},
+        replace=True,
+    )
     url = storage.url("public-endpoint.ogg", expires_s=60)
     assert url.startswith(f"{public}/{BUCKET}/public-endpoint.ogg?") and "X-Amz-Signature=" in url
     with urllib.request.urlopen(url, timeout=10) as response:

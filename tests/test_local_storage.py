@@ -88,7 +88,7 @@ def test_a_write_that_fails_midway_leaves_no_file_under_the_final_name(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     storage = LocalStorage(settings)
-    storage.put("old.ogg", b"OggS old", content_type="audio/ogg", metadata={"job-id": "old"})
+    storage.put("old.ogg", b"OggS old", content_type="audio/ogg", metadata={"job-id": "old"}, replace=True)
 
     def disk_full(fd: int) -> None:
         raise OSError(28, "No space left on device")
@@ -97,9 +97,13 @@ def test_a_write_that_fails_midway_leaves_no_file_under_the_final_name(
     with pytest.raises(
         StorageError, match=r"cannot write new\.ogg to OUTPUT_AUDIO_DIR .*No space left on device"
     ):
-        storage.put("new.ogg", b"OggS new", content_type="audio/ogg", metadata={"job-id": "new"})
+        storage.put(
+            "new.ogg", b"OggS new", content_type="audio/ogg", metadata={"job-id": "new"}, replace=True
+        )
     with pytest.raises(StorageError, match="No space left"):
-        storage.put("old.ogg", b"OggS replaced", content_type="audio/ogg", metadata={"job-id": "again"})
+        storage.put(
+            "old.ogg", b"OggS replaced", content_type="audio/ogg", metadata={"job-id": "again"}, replace=True
+        )
     # No temporary files, no new file, and the old one whole with its own metadata.
     assert listing(settings.output_audio_dir) == [".old.ogg.json", "old.ogg"]
     assert (settings.output_audio_dir / "old.ogg").read_bytes() == b"OggS old"
@@ -110,7 +114,7 @@ def test_a_write_that_fails_midway_leaves_no_file_under_the_final_name(
 def test_metadata_that_describes_other_bytes_is_not_trusted(settings: Settings) -> None:
     """Two jobs with the same session_id at once: one's audio lands after the other's metadata."""
     storage = LocalStorage(settings)
-    storage.put("same.ogg", b"OggS from a", content_type="audio/ogg", metadata={"job-id": "a"})
+    storage.put("same.ogg", b"OggS from a", content_type="audio/ogg", metadata={"job-id": "a"}, replace=True)
     assert storage.metadata("same.ogg") == {"job-id": "a"}
     (settings.output_audio_dir / "same.ogg").write_bytes(b"OggS from b")
     assert storage.metadata("same.ogg") == {}  # so a redelivered job "a" synthesises again
@@ -123,7 +127,7 @@ def test_metadata_that_describes_other_bytes_is_not_trusted(settings: Settings) 
 def test_files_older_than_cleanup_days_are_removed(settings: Settings) -> None:
     storage = LocalStorage(replace(settings, cleanup_days=2))
     for name in ("old.ogg", "new.ogg", "sub/old.mp3"):
-        storage.put(name, b"audio", content_type="audio/ogg", metadata={"job-id": name})
+        storage.put(name, b"audio", content_type="audio/ogg", metadata={"job-id": name}, replace=True)
     (settings.output_audio_dir / ".crashed.ogg.x1.part").write_bytes(b"half")
     (settings.output_audio_dir / "..crashed.ogg.json.x2.part").write_bytes(b"half")
     # Files this storage never writes, as when OUTPUT_AUDIO_DIR points at a model folder: kept.

@@ -18,6 +18,7 @@ import soundfile
 from producer.errors import (
     EncodingError,
     InvalidRequest,
+    SessionTaken,
     StorageError,
     TransientError,
     UnknownVoice,
@@ -31,7 +32,7 @@ from tts_worker.engines.base import NO_OPTIONS, Audio, GenerationOptions, VoiceI
 from tts_worker.engines.tone import ToneEngine
 from tts_worker.pipeline import Services, run_job, text_chunks
 from tts_worker.settings import Settings
-from tts_worker.storage import S3Storage
+from tts_worker.storage import S3Storage, make_storage
 
 TEXT = "The first sentence is here. The second one follows it! And a third, to be sure?"
 
@@ -113,15 +114,49 @@ def test_a_redelivered_job_returns_the_stored_result_without_synthesising(
     assert reused.pop("reused") is True
     assert reused.pop("timings") == {**first["metadata"]["timings"], "upload_s": 0.0}
     assert reused == {key: value for key, value in first["metadata"].items() if key != "timings"}
-    # Another job reusing the session id is new work, not a redelivery: it replaces the audio.
-    run_job(parse_request({"text": TEXT, "session_id": job_id}), counted, job_id="other-job")
+    # Another job naming the same object is refused before any synthesis, unless it says overwrite.
+    with pytest.raises(SessionTaken, match=f"session_id: {job_id}.ogg holds audio another job stored"):
+        run_job(parse_request({"text": TEXT, "session_id": job_id}), counted, job_id="other-job")
+    assert Counting.calls == 1
+    run_job(
+        parse_request({"text": TEXT, "session_id": job_id, "overwrite": True}), counted, job_id="other-job"
+    )
     assert Counting.calls == 2
+
+
+@pytest.mark.parametrize("storage", ["s3", "local"])
+def test_a_taken_name_is_never_replaced_without_overwrite_even_in_a_race(
+    settings: Settings, storage: str, tmp_path: Path, job_id: str
+) -> None:
+    """Two jobs for one session_id at once: both look and find nothing, both synthesise; the store
+    takes one write (S3's If-None-Match, a hard link), and the other job fails with nothing stored."""
+    chosen = replace(settings, output_storage=storage, output_audio_dir=tmp_path)
+    services = Services(settings=chosen, engine=ToneEngine(rtf=0.3), storage=make_storage(chosen))
+    request = parse_request({"text": "Two jobs, one name.", "session_id": f"race-{job_id}"})
+    outcomes: dict[str, Any] = {}
+
+    def run(job: str) -> None:
+        try:
+            outcomes[job] = run_job(request, services, job_id=job)
+        except SessionTaken as exc:
+            outcomes[job] = exc
+
+    threads = [threading.Thread(target=run, args=(job,)) for job in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    [won] = [job for job, outcome in outcomes.items() if isinstance(outcome, dict)]
+    [lost] = [outcome for outcome in outcomes.values() if isinstance(outcome, SessionTaken)]
+    assert "nothing was stored" in str(lost)
+    assert services.storage.metadata(f"race-{job_id}.ogg")["job-id"] == won  # the winner's audio, whole
+    assert run_job(request, services, job_id=won)["metadata"]["reused"] is True  # its redelivery reuses it
 
 
 def test_metadata_that_cannot_be_read_means_the_job_is_done_again(services: Services, job_id: str) -> None:
     """Say, an object stored before the metadata was JSON: synthesise again rather than fail."""
-    services.storage.put(f"{job_id}.ogg", b"old", content_type="audio/ogg",
-                         metadata={"job-id": job_id, "codec": "opus", "duration": "1.5"})  # fmt: skip
+    old = {"job-id": job_id, "codec": "opus", "duration": "1.5"}
+    services.storage.put(f"{job_id}.ogg", b"old", content_type="audio/ogg", metadata=old, replace=True)
     result = run_job(parse_request({"text": "Hi."}), services, job_id=job_id)
     assert "reused" not in result["metadata"] and result["metadata"]["codec"] == "opus"
     with urllib.request.urlopen(result["url"]) as response:

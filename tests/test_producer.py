@@ -86,7 +86,7 @@ def test_public_api_is_pinned() -> None:
         [
             "BACKFILL_QUEUE", "INTERACTIVE_QUEUE", "TASK_NAME", "EncoderKilled", "EncodingError",
             "EngineUnusable", "GPUOutOfMemory", "InvalidRequest", "JobTimeLimitExceeded", "PermanentError",
-            "PoisonedJob", "QueueUnavailable", "StorageError", "TTSError", "TTSRequest",
+            "PoisonedJob", "QueueUnavailable", "SessionTaken", "StorageError", "TTSError", "TTSRequest",
             "TransientError", "UnknownVoice", "UnreadableText", "app", "parse_request", "synthesize", "tts",
         ]
     )  # fmt: skip

@@ -395,3 +395,13 @@ def test_the_sdk_local_mode_fails_a_bad_request_cleanly(rp_env: dict[str, str]) 
         {"error": "invalid request: text: field required; txt: unknown field (did you mean 'text'?)"}
     ]
     assert "Traceback" not in output
+
+
+def test_a_session_id_taken_by_another_job_is_refused_as_on_the_queue(shim: None, s3: Any) -> None:
+    name = f"rp-shared-{uuid.uuid4()}"
+    [first] = run({"text": TEXT, "session_id": name})
+    assert first["status"] == "completed"
+    [second] = run({"text": "Other words.", "session_id": name})
+    assert list(second) == ["error"] and second["error"].startswith(f"session_id: {name}.ogg holds audio")
+    [replaced] = run({"text": "Other words.", "session_id": name, "overwrite": True})
+    assert replaced["status"] == "completed"

@@ -16,7 +16,7 @@ from celery.result import AsyncResult
 
 import producer
 from producer.app import TTSTask
-from producer.errors import InvalidRequest, StorageError, UnknownVoice
+from producer.errors import InvalidRequest, SessionTaken, StorageError, UnknownVoice
 from tests.conftest import WorkerHandle
 from tests.test_producer import BAD_REQUESTS
 
@@ -195,3 +195,22 @@ def test_a_task_id_with_a_line_break_is_refused_and_forges_no_log_line(tone_work
     log = tone_worker.process.log()
     assert "ok\\nERROR/MainProcess] forged line" in log  # escaped on the line that carries it
     assert not any(line.startswith("ERROR/MainProcess] forged") for line in log.splitlines())
+
+
+def test_a_job_cannot_replace_another_jobs_audio_unless_it_says_overwrite(
+    tone_worker: WorkerHandle, s3: Any, job_id: str
+) -> None:
+    name = f"shared-{job_id}"
+    first = tone_worker.tts.delay(text="The first job's words.", session_id=name).get(timeout=30)
+    stored = s3.get_object(Bucket="tts-test", Key=f"{name}.ogg")["Body"].read()
+    second = tone_worker.tts.delay(text="Somebody else's words.", session_id=name)
+    with pytest.raises(
+        SessionTaken, match=f"session_id: {name}.ogg holds audio another job stored"
+    ) as caught:
+        second.get(timeout=30)
+    assert isinstance(caught.value, producer.PermanentError) and second.retries == 0
+    assert s3.get_object(Bucket="tts-test", Key=f"{name}.ogg")["Body"].read() == stored  # untouched
+    assert len(decode(first["url"])) > 0  # the first job's URL still serves the first job's audio
+    third = tone_worker.tts.delay(text="Replacing it on purpose.", session_id=name, overwrite=True)
+    assert third.get(timeout=30)["status"] == "completed"
+    assert s3.get_object(Bucket="tts-test", Key=f"{name}.ogg")["Body"].read() != stored

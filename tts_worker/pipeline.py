@@ -4,8 +4,10 @@ No Celery here: the Celery task and the RunPod handler are both thin callers of 
 Encoding overlaps synthesis: each chunk's audio goes to ffmpeg as soon as the crossfade with the
 next can no longer change it, so a long job's encode mostly happens while later chunks are spoken.
 Jobs are idempotent: the object key is deterministic and records the job id, so a job delivered
-again after its worker died (or after the visibility timeout) returns the stored result instead of
-synthesising twice.
+again after its worker died (or after its lease lapsed) returns the stored result instead of
+synthesising twice. A job never replaces audio another job stored under its name unless it asks to
+(`overwrite`): it fails with `SessionTaken` before synthesising when it can tell, and the store
+refuses the write atomically when two race.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from producer.errors import UnreadableText
+from producer.errors import SessionTaken, UnreadableText
 from producer.formats import FORMATS, AudioFormat
 from producer.schema import TTSRequest, object_name
 from tts_worker.audio import StreamJoiner
@@ -28,7 +30,7 @@ from tts_worker.chunking import split_text
 from tts_worker.encoding import Encoder
 from tts_worker.engines import Audio, Engine, GenerationOptions, VoiceInputs
 from tts_worker.settings import Settings
-from tts_worker.storage import Storage
+from tts_worker.storage import KeyTaken, Storage
 from tts_worker.voices import resolve_voice
 
 __all__ = [
@@ -67,8 +69,11 @@ def run_job(
 
     voice = voice_inputs(request, settings)
     stored = services.storage.metadata(key)
-    if stored is not None and stored.get("job-id") == job_id and (reused := _decode_meta(stored)):
+    ours = stored is not None and stored.get("job-id") == job_id  # stored by an earlier delivery
+    if ours and (reused := _decode_meta(stored or {})):
         return _result(services, key=key, filename=filename, expires=expires, meta=reused)
+    if stored is not None and not ours and not request.overwrite:
+        raise _taken(request, filename, job_id)
 
     started = time.perf_counter()
     chunks = text_chunks(request)
@@ -86,9 +91,28 @@ def run_job(
         "encode_s": round(encoded - synthesized, 3),
     }
     meta["rtf"] = round((synthesized - started) / meta["duration"], 4) if meta["duration"] else None
-    services.storage.put(key, data, content_type=fmt.content_type, metadata=_encode_meta(meta, job_id))
+    try:
+        services.storage.put(
+            key,
+            data,
+            content_type=fmt.content_type,
+            metadata=_encode_meta(meta, job_id),
+            replace=request.overwrite or ours,
+        )
+    except KeyTaken:
+        # Taken since the look-up: by another job, or by this one (a try whose answer was lost).
+        if (services.storage.metadata(key) or {}).get("job-id") != job_id:
+            raise _taken(request, filename, job_id) from None
     meta["timings"]["upload_s"] = round(time.perf_counter() - encoded, 3)
     return _result(services, key=key, filename=filename, expires=expires, meta=meta)
+
+
+def _taken(request: TTSRequest, filename: str, job_id: str) -> SessionTaken:
+    field = "session_id" if request.session_id else "task_id"
+    return SessionTaken(
+        f"{field}: {filename} holds audio another job stored; nothing was stored for job {job_id} "
+        "(send overwrite: true to replace it, or choose another name)"
+    )
 
 
 def log_done(job_id: str, result: dict[str, Any]) -> None:

@@ -4,6 +4,11 @@ Either way a file appears under its final name only once its bytes are complete,
 sees half of one: S3 gets the object in one PUT; the directory gets a hidden temporary file that is
 renamed into place. Each stored file carries the metadata a redelivered job rebuilds its result from.
 
+A file is written only where none is, unless the caller says to replace it (`replace=True`), and that
+is decided by the store itself, atomically, not by looking first: S3's conditional write
+(`If-None-Match: *`), a hard link for the directory. Two jobs racing for one name: one stores, the
+other gets `KeyTaken`.
+
 S3 outages are waited out in place: an upload that cannot reach the server (connection refused or
 cut, a timeout, a 5xx or a throttling answer) is tried again with backoff for STORAGE_RETRY_S, the
 encoded audio kept in memory, before the job fails with a `StorageError` (which the task retries from
@@ -38,7 +43,7 @@ from tts_worker.settings import Settings, SettingsError
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
 
-__all__ = ["LOOKUP_RETRY_S", "LocalStorage", "S3Storage", "Storage", "make_storage"]
+__all__ = ["LOOKUP_RETRY_S", "KeyTaken", "LocalStorage", "S3Storage", "Storage", "make_storage"]
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +53,14 @@ failing then (the job is retried before any synthesis was done)."""
 _RETRY_WAIT_MAX_S = 15.0
 """The longest pause between two tries, so that the store is tried soon after it is back."""
 _PASSING_CODES = frozenset(
-    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable"}
-)
+    # ConditionalRequestConflict: AWS's answer to a conditional write racing another on the same key.
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable",
+     "ConditionalRequestConflict"}
+)  # fmt: skip
+
+
+class KeyTaken(Exception):
+    """A file is stored under the key already, and the write was not to replace it."""
 
 
 class Storage(Protocol):
@@ -58,8 +69,11 @@ class Storage(Protocol):
     def check(self) -> None:
         """Raise `StorageError` saying what is wrong if nothing can be stored."""
 
-    def put(self, key: str, data: bytes, *, content_type: str, metadata: Mapping[str, str]) -> None:
-        """Store `data` under `key`, all of it or nothing."""
+    def put(
+        self, key: str, data: bytes, *, content_type: str, metadata: Mapping[str, str], replace: bool
+    ) -> None:
+        """Store `data` under `key`, all of it or nothing; unless `replace`, only where nothing is
+        stored yet (else `KeyTaken`, and nothing is written)."""
 
     def metadata(self, key: str) -> dict[str, str] | None:
         """The metadata stored with `key`, or None when there is no such file."""
@@ -105,14 +119,24 @@ class S3Storage:
         with self._errors("use the bucket", missing="does the bucket exist?"):
             self._client.head_bucket(Bucket=self.bucket)
 
-    def put(self, key: str, data: bytes, *, content_type: str, metadata: Mapping[str, str]) -> None:
+    def put(
+        self, key: str, data: bytes, *, content_type: str, metadata: Mapping[str, str], replace: bool
+    ) -> None:
         """Write the whole object in one request, tried again while S3 cannot be reached (for
-        STORAGE_RETRY_S)."""
-        for attempt in self._retrying(f"upload {key}", within_s=self.retry_s):
-            with attempt, self._errors(f"upload {key}"):
-                self._client.put_object(
-                    Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, Metadata=dict(metadata)
-                )
+        STORAGE_RETRY_S); unless `replace`, as a conditional write that S3 refuses (412) when the
+        key exists."""
+        condition = {} if replace else {"IfNoneMatch": "*"}
+        try:
+            for attempt in self._retrying(f"upload {key}", within_s=self.retry_s):
+                with attempt, self._errors(f"upload {key}"):
+                    self._client.put_object(
+                        Bucket=self.bucket, Key=key, Body=data, ContentType=content_type,
+                        Metadata=dict(metadata), **condition,  # type: ignore[arg-type]
+                    )  # fmt: skip
+        except StorageError as exc:
+            if isinstance(exc.__cause__, ClientError) and _status(exc.__cause__) == 412:
+                raise KeyTaken(key) from None
+            raise
 
     def metadata(self, key: str) -> dict[str, str] | None:
         """The user metadata of `key`, or None when there is no such object (tried again while S3
@@ -233,14 +257,20 @@ class LocalStorage:
             raise StorageError(f"cannot write audio to {self.describe()}: {exc.strerror or exc}") from None
         self._sweep_if_due()
 
-    def put(self, key: str, data: bytes, *, content_type: str, metadata: Mapping[str, str]) -> None:
-        """Write the metadata, then the audio, each to a temporary file renamed into place."""
+    def put(
+        self, key: str, data: bytes, *, content_type: str, metadata: Mapping[str, str], replace: bool
+    ) -> None:
+        """Write the audio and its metadata, each to a temporary file put in place at once: renamed
+        over what was there with `replace`, else hard-linked, which fails when the name exists.
+        The audio goes first: its name is the claim, and metadata describing other bytes is ignored."""
         path = self._path(key)
         described = {**metadata, _DIGEST: hashlib.sha256(data).hexdigest()}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomically(_sidecar(path), json.dumps(described).encode())
-            _write_atomically(path, data)
+            _write_atomically(path, data, replace=replace)
+            _write_atomically(_sidecar(path), json.dumps(described).encode(), replace=True)
+        except FileExistsError:
+            raise KeyTaken(key) from None
         except OSError as exc:
             raise StorageError(f"cannot write {key} to {self.describe()}: {exc.strerror or exc}") from exc
         self._sweep_if_due()
@@ -319,8 +349,9 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(f".{path.name}.json")
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """`data` under `path`, complete or not at all: a hidden temporary file, fsynced, then renamed."""
+def _write_atomically(path: Path, data: bytes, *, replace: bool) -> None:
+    """`data` under `path`, complete or not at all: a hidden temporary file, fsynced, then renamed
+    over `path` (`replace`) or linked to it, which raises FileExistsError when `path` exists."""
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as file:
@@ -328,7 +359,11 @@ def _write_atomically(path: Path, data: bytes) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.chmod(temporary, 0o644)  # mkstemp makes it private; the audio is meant to be served
-        os.replace(temporary, path)
+        if replace:
+            os.replace(temporary, path)
+        else:
+            os.link(temporary, path)
+            os.unlink(temporary)
     except BaseException:
         with suppress(OSError):
             os.unlink(temporary)
