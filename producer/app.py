@@ -80,6 +80,8 @@ def celery_contract(config: ProducerConfig) -> dict[str, Any]:
             "socket_connect_timeout": connect_s,
             **master,
         },
+        # Name, worker, retries and queue with each result; the worker's backends leave out the request
+        # fields, which Celery would store too (see tts_worker.results).
         "result_extended": True,
         "task_send_sent_event": True,
         "broker_connection_retry_on_startup": True,

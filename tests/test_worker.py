@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -214,3 +215,17 @@ def test_a_job_cannot_replace_another_jobs_audio_unless_it_says_overwrite(
     third = tone_worker.tts.delay(text="Replacing it on purpose.", session_id=name, overwrite=True)
     assert third.get(timeout=30)["status"] == "completed"
     assert s3.get_object(Bucket="tts-test", Key=f"{name}.ogg")["Body"].read() != stored
+
+
+def test_results_keep_no_request_fields(tone_worker: WorkerHandle) -> None:
+    """The text would otherwise stay in Redis (and its AOF) for as long as the result, a week."""
+    text = "A private letter that must not outlive its job in Redis."
+    result = tone_worker.tts.delay(text=text, emo_text="quietly sad")
+    assert result.get(timeout=30)["status"] == "completed"
+    backend = redis.Redis.from_url(tone_worker.env["CELERY_RESULT_BACKEND"])
+    stored = backend.get(f"celery-task-meta-{result.id}") or b""
+    backend.close()
+    assert b"private letter" not in stored and b"quietly sad" not in stored
+    meta = json.loads(stored)
+    assert "kwargs" not in meta and "args" not in meta
+    assert (meta["name"], meta["retries"], meta["queue"]) == ("tts.synthesize", 0, "tts")  # the rest stays

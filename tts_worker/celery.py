@@ -30,8 +30,10 @@ from producer.config import ProducerConfig
 from tts_worker import metrics, runtime  # noqa: F401 - importing metrics connects its signal handlers
 from tts_worker.engines import check_engine
 from tts_worker.lease import LeaseRenewal, lease_for
+from tts_worker.results import BACKEND_OVERRIDES
 from tts_worker.settings import Settings, SettingsError
 from tts_worker.storage import make_storage
+from tts_worker.tasks import RESULT_EXPIRES_S
 
 __all__ = ["app", "worker_config"]
 
@@ -79,7 +81,7 @@ def worker_config(settings: Settings) -> dict[str, Any]:
         "task_annotations": {
             TASK_NAME: {"max_retries": settings.max_retries, "retry_backoff": settings.retry_backoff_s}
         },
-        "result_expires": 7 * 24 * 3600,
+        "result_expires": RESULT_EXPIRES_S,
     }
 
 
@@ -95,6 +97,8 @@ def _result_retries(budget_s: int) -> int:
 
 app = Celery("tts_worker", include=["tts_worker.tasks"])
 app.steps["consumer"].add(LeaseRenewal)
+# Results without the request's text: the worker's backend for each Redis scheme (a plain URL still).
+app.loader.override_backends = {**app.loader.override_backends, **BACKEND_OVERRIDES}
 
 # Celery's success line prints the task's return value, and ours holds a presigned URL (a bearer
 # credential for the audio). Our own "job ... done" line says what an operator needs instead.

@@ -20,6 +20,7 @@ from celery.exceptions import BackendStoreError, SoftTimeLimitExceeded
 from redis.exceptions import RedisError
 
 from producer.app import TASK_NAME
+from producer.backfill.naming import request_digest, request_digest_key
 from producer.errors import (
     EngineUnusable,
     InvalidRequest,
@@ -72,6 +73,7 @@ def synthesize(self: Task[Any, dict[str, Any]], *args: Any, **fields: Any) -> di
         raise InvalidRequest("request: tts.synthesize takes keyword fields only", field="request")
     services = runtime.services()
     request = parse_request(fields, max_text_chars=services.settings.max_text_chars)
+    _record_request_digest(self, job_id, fields)
     _refuse_if_it_ended_processes(self, job_id)
     log.info(
         "job %s start: engine=%s chars=%d chunks=%d",
@@ -102,8 +104,22 @@ MAX_PROCESS_ENDINGS = 2
 """Worker processes one job may end with a poisoned CUDA context before it fails for good: a job
 that triggers a device-side assert every time would otherwise be requeued, and end a process,
 forever. Two tell a passing fault of one process from a job that breaks every model it meets."""
-ENDINGS_TTL_S = 7 * 86_400
+RESULT_EXPIRES_S = 7 * 86_400
+"""How long results are kept (the worker's `result_expires`), and what is recorded beside them."""
+ENDINGS_TTL_S = RESULT_EXPIRES_S
 """How long the count is kept: as long as results, for a requeued job may wait behind a backfill."""
+
+
+def _record_request_digest(task: Task[Any, Any], job_id: str, fields: dict[str, Any]) -> None:
+    """Beside the result (which holds no request fields), the digest of the request it answers, so
+    that tts-backfill can tell a result made for another request under the same task id."""
+    client = _counter(task)
+    if client is None:
+        return
+    try:
+        client.set(request_digest_key(job_id), request_digest(fields), ex=RESULT_EXPIRES_S)
+    except RedisError as exc:  # only a backfill's conflict check reads it; the job is worth more
+        log.warning("job %s: request digest not recorded: %s", job_id, exc)
 
 
 def _endings_key(job_id: str) -> str:

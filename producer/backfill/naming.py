@@ -50,6 +50,12 @@ def content_id(message: Mapping[str, Any]) -> str:
     return "auto-" + _sha256(message)[:24]
 
 
+def request_digest_key(task_id: str) -> str:
+    """Where the worker records the request digest of the job it runs, in the result backend's
+    Redis: results hold no request fields, yet a backfill must tell whose request a result answers."""
+    return f"tts:request-digest:{task_id}"
+
+
 def request_digest(message: Mapping[str, Any]) -> str:
     """A digest of a task's kwargs (session_id included), as sent and as a result stores them: two
     rows that would share a task id but ask for different audio have different digests."""

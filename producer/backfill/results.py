@@ -2,8 +2,9 @@
 
 One MGET per few hundred tasks instead of an `AsyncResult` per task: a backfill follows up to
 `--max-in-flight` jobs at once. A task that has no result yet reads as PENDING (Celery stores nothing
-for a task that is only queued). With `result_extended` (the contract's setting) a stored state
-holds the task's kwargs; their digest tells whether the result answers the row at hand.
+for a task that is only queued). Results hold no request fields; the worker records the digest of
+each job's request beside its result (`naming.request_digest_key`), which tells whether the result
+answers the row at hand (results stored with their kwargs, before that, are read too).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from celery import Celery, states
 from celery.backends.base import BaseKeyValueStoreBackend
 
-from producer.backfill.naming import request_digest
+from producer.backfill.naming import request_digest, request_digest_key
 
 __all__ = ["Outcome", "ResultReader", "TaskState"]
 
@@ -64,10 +65,12 @@ class ResultReader:
         """The state of each task, in order."""
         found: list[TaskState] = []
         for start in range(0, len(task_ids), _CHUNK):
-            keys = [self.backend.get_key_for_task(t) for t in task_ids[start : start + _CHUNK]]
+            chunk = task_ids[start : start + _CHUNK]
+            keys = [self.backend.get_key_for_task(t) for t in chunk] + [request_digest_key(t) for t in chunk]
+            values = self.backend.mget(keys)
             found += [
-                PENDING if raw is None else _state(self.backend.decode(raw))
-                for raw in self.backend.mget(keys)
+                PENDING if raw is None else _state(self.backend.decode(raw), digest)
+                for raw, digest in zip(values[: len(chunk)], values[len(chunk) :], strict=True)
             ]
         return found
 
@@ -76,10 +79,13 @@ class ResultReader:
         self.backend.get(self.backend.get_key_for_task("tts-backfill-ping"))
 
 
-def _state(meta: dict[str, Any]) -> TaskState:
+def _state(meta: dict[str, Any], recorded: bytes | str | None) -> TaskState:
     state = str(meta.get("status", states.PENDING))
     result, kwargs = meta.get("result"), meta.get("kwargs")
-    digest = request_digest(kwargs) if isinstance(kwargs, dict) else None
+    if recorded is not None:
+        digest: str | None = recorded.decode() if isinstance(recorded, bytes) else recorded
+    else:
+        digest = request_digest(kwargs) if isinstance(kwargs, dict) else None
     if state == states.SUCCESS:
         return TaskState(state, _completed(result), digest)
     if state in states.READY_STATES:
