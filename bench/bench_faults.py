@@ -17,7 +17,6 @@ import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -25,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from producer.app import TTSTask, create_app
 from producer.config import ProducerConfig
-from producer.errors import QueueUnavailable
-from tests.faults import RedisProcess
+from tests.faults import JobStream, RedisProcess
 from tts_worker.devstack import S3Server, WorkerProcess, stack_env
 
 TEXT = "Every chunk of this job takes its time on the worker, as on a busy GPU. " * 3
@@ -76,38 +74,22 @@ def redis_crash(workdir: Path, fsync: str, *, seconds: float = 8.0) -> dict[str,
     env = stack_env(redis_url=f"redis://127.0.0.1:{redis.port}", s3_url=s3.url, bucket="tts", engine="tone")
     worker = WorkerProcess({**env, "RECOVERY_S": "12"}, log_path=workdir / f"crash-{fsync}.log")
     app = create_app(ProducerConfig.from_env({**env, "PRODUCER_CONNECT_TIMEOUT_S": "2"}))
-    tts, accepted, refused = TTSTask(app), [], 0
-    stop = threading.Event()
-
-    def enqueue() -> None:
-        nonlocal refused
-        while not stop.is_set():
-            try:
-                accepted.append(tts.delay(text="A short job.", output_format="wav").id)
-                time.sleep(0.02)  # about as fast as the worker completes them
-            except QueueUnavailable:
-                refused += 1
-                time.sleep(0.2)
-
-    sender = threading.Thread(target=enqueue)
-    sender.start()
     try:
-        time.sleep(seconds / 2)
-        redis.stop(signal.SIGKILL)
-        time.sleep(1)
-        redis.start()
-        time.sleep(seconds / 2)
-        stop.set()
-        sender.join()
-        done = drained(worker, accepted, quiet_s=25)  # > RECOVERY_S: a lapsed lease is swept meanwhile
+        # About as fast as the worker completes them.
+        with JobStream(TTSTask(app), every_s=0.02, output_format="wav") as jobs:
+            time.sleep(seconds / 2)
+            redis.stop(signal.SIGKILL)
+            time.sleep(1)
+            redis.start()
+            time.sleep(seconds / 2)
+        done = drained(worker, jobs.ids, quiet_s=25)  # > RECOVERY_S: a lapsed lease is swept meanwhile
         return {
-            "accepted": len(accepted),
-            "refused": refused,
+            "accepted": len(jobs.ids),
+            "refused": jobs.refused,
             "lost": sum(1 for n in done.values() if n == 0),
             "done twice": sum(1 for n in done.values() if n > 1),
         }
     finally:
-        stop.set()
         app.close()
         worker.stop()
         redis.stop(signal.SIGKILL)

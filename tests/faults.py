@@ -20,10 +20,11 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tts_worker.devstack import free_port, wait_until
 
-__all__ = ["Gate", "RedisProcess", "SentinelGroup"]
+__all__ = ["Gate", "JobStream", "RedisProcess", "SentinelGroup"]
 
 
 class RedisProcess:
@@ -75,6 +76,41 @@ class RedisProcess:
         with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
             sock.sendall(b"PING\r\n")
             return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+
+
+class JobStream:
+    """Jobs enqueued in a loop from a thread, as a busy application does, while a fault is made:
+    `accepted` holds (time, task id) of every `delay` that returned, `refused` counts those that
+    raised `QueueUnavailable`. Use as a context manager; leaving it stops the loop."""
+
+    def __init__(self, tts: Any, *, every_s: float, **fields: Any) -> None:
+        self.accepted: list[tuple[float, str]] = []
+        self.refused = 0
+        self._tts, self._every_s, self._fields = tts, every_s, {"text": "A short job.", **fields}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def ids(self) -> list[str]:
+        return [job for _, job in self.accepted]
+
+    def __enter__(self) -> JobStream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        from producer.errors import QueueUnavailable
+
+        while not self._stop.is_set():
+            try:
+                self.accepted.append((time.monotonic(), self._tts.delay(**self._fields).id))
+            except QueueUnavailable:
+                self.refused += 1
+            self._stop.wait(self._every_s)
 
 
 class SentinelGroup:

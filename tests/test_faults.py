@@ -7,7 +7,6 @@ nodes are lost with SIGKILL to the whole process group, as a lost host or `docke
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
@@ -15,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +27,7 @@ from producer.app import TTSTask, create_app
 from producer.config import ProducerConfig
 from producer.errors import QueueUnavailable, TransientError
 from tests.conftest import BUCKET, WorkerHandle
-from tests.faults import Gate, RedisProcess, SentinelGroup
+from tests.faults import Gate, JobStream, RedisProcess, SentinelGroup
 from tests.test_encoding import children_named
 from tests.test_worker import decode, wait_for_state
 from tts_worker.devstack import WorkerProcess
@@ -177,27 +175,14 @@ def test_redis_killed_while_jobs_flow_loses_none_and_does_none_twice(
     finishes jobs delivered before the crash on a connection made after it: it must acknowledge them
     and live on (kombu, left to itself, ends the worker trying to ack on the closed channel)."""
     worker = fleet(RECOVERY_S="6", TONE_RTF="0.3")  # a job takes about 0.3 s
-    accepted: list[str] = []
-    stop = threading.Event()
-
-    def enqueue() -> None:
-        while not stop.is_set():
-            with contextlib.suppress(QueueUnavailable):
-                accepted.append(worker.tts.delay(text="A short job.", output_format="wav").id)
-            time.sleep(0.1)
-
-    sender = threading.Thread(target=enqueue)
-    sender.start()
-    try:
+    with JobStream(worker.tts, every_s=0.1, output_format="wav") as jobs:
         time.sleep(2)
         while (log := worker.process.log()).count(" start: ") == log.count(" done: "):
             time.sleep(0.01)  # until a job runs: it ends while Redis is down or just after
         with own_redis.down_for(1, signal.SIGKILL):
             pass
         time.sleep(3)
-    finally:
-        stop.set()
-        sender.join()
+    accepted = jobs.ids
     deadline = time.monotonic() + 60
     while (log := worker.process.log()) and not all(f"job {job} done" in log for job in accepted):
         assert worker.process.process.poll() is None, "the worker died"
@@ -296,32 +281,17 @@ def test_a_sentinel_failover_while_jobs_flow_is_ridden_out(
         "TONE_RTF": "0.3",
     }
     worker = WorkerHandle(WorkerProcess(env, log_path=tmp_path / "worker.log", name="sentinel"), env)
-    accepted: list[tuple[float, str]] = []
-    refused = 0
-    stop = threading.Event()
-
-    def enqueue() -> None:
-        nonlocal refused
-        while not stop.is_set():
-            try:
-                accepted.append((time.monotonic(), worker.tts.delay(text="A short job.").id))
-            except QueueUnavailable:
-                refused += 1
-            time.sleep(0.1)
-
-    sender = threading.Thread(target=enqueue)
-    sender.start()
     try:
-        time.sleep(3)
-        group.primary.stop(signal.SIGKILL)
-        killed_at = time.monotonic()
-        while group.primary_port() != group.replica.port:
-            assert time.monotonic() - killed_at < 30, "the sentinels did not promote the replica"
-            time.sleep(0.1)
-        promoted_in = time.monotonic() - killed_at
-        time.sleep(8)
-        stop.set()
-        sender.join()
+        with JobStream(worker.tts, every_s=0.1) as jobs:
+            time.sleep(3)
+            group.primary.stop(signal.SIGKILL)
+            killed_at = time.monotonic()
+            while group.primary_port() != group.replica.port:
+                assert time.monotonic() - killed_at < 30, "the sentinels did not promote the replica"
+                time.sleep(0.1)
+            promoted_in = time.monotonic() - killed_at
+            time.sleep(8)
+        accepted, refused = jobs.accepted, jobs.refused
         deadline = time.monotonic() + 60
         late = [job for sent, job in accepted if sent > killed_at + promoted_in + 2]
         while not all(f"job {job} done" in worker.process.log() for job in late):
@@ -340,7 +310,6 @@ def test_a_sentinel_failover_while_jobs_flow_is_ridden_out(
         assert worker.process.process.poll() is None and "Unrecoverable error" not in log
         assert len(lost) <= 3 and not twice  # only what the primary had not replicated when it died
     finally:
-        stop.set()
         worker.process.stop()
         worker.app.close()
         group.stop()
