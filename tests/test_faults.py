@@ -217,10 +217,16 @@ def test_a_storage_outage_at_upload_is_waited_out_without_a_second_synthesis(
 
 def test_ffmpeg_killed_mid_job_is_retried_not_failed(slow_worker: WorkerHandle, s3: Any) -> None:
     [child] = slow_worker.pool_pids()
+    sending = time.monotonic()
     result = slow_worker.tts.delay(text=SENTENCE * 3, max_chars_per_chunk=80, output_format="mp3")
-    wait_for_state(result, {"PROGRESS"})  # ffmpeg encodes while the next chunks are spoken
-    ffmpeg = children_named(child, "ffmpeg")
-    assert len(ffmpeg) == 1, f"ffmpeg processes under the pool process {child}: {ffmpeg}"
+    sent_in = time.monotonic() - sending
+    deadline = time.monotonic() + 30  # ffmpeg starts with the job and encodes while chunks are spoken
+    while not (ffmpeg := children_named(child, "ffmpeg")):
+        # The job takes about 7 s: ffmpeg lives that long under the pool process.
+        assert not result.ready(), f"the job ended before ffmpeg was seen (delay took {sent_in:.1f} s)"
+        assert time.monotonic() < deadline, f"no ffmpeg under the pool process {child}"
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the job
     os.kill(ffmpeg[0], signal.SIGKILL)  # as the OOM killer does
     outcome = result.get(timeout=120)
     assert outcome["status"] == "completed" and result.retries == 1
