@@ -29,11 +29,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import bootsteps
 from celery.worker import state
 from celery.worker.request import Request
 from kombu.exceptions import OperationalError
+from kombu.transport.redis import Channel
 from redis.exceptions import RedisError
+
+from producer.redis_client import redis_client
 
 __all__ = ["Lease", "LeaseRenewal", "LeasedRequest", "lease_for"]
 
@@ -86,6 +90,7 @@ class LeaseRenewal(bootsteps.StartStopStep):
         super().__init__(parent, **kwargs)
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
+        self._warned = False  # one warning per outage, not one per try
 
     def start(self, consumer: Any) -> None:
         # kombu puts every message a channel holds back on its queue when the channel closes, a lost
@@ -93,43 +98,54 @@ class LeaseRenewal(bootsteps.StartStopStep):
         # Under leases, restoring is the sweep's work, and it happens only once a lease has lapsed.
         consumer.task_consumer.channel.qos.restore_at_shutdown = False
         if self._thread is None:
-            options = consumer.app.conf.broker_transport_options
-            interval = float(options["unacked_restore_interval"])
             self._thread = threading.Thread(
-                target=self._run, args=(consumer, interval), name="lease-renewal", daemon=True
+                target=self._run, args=(consumer,), name="lease-renewal", daemon=True
             )
             self._thread.start()
-        else:
-            # Reconnected after losing Redis (the thread and the jobs went on): renew before the
-            # consumer's first sweep, which would otherwise find this worker's own leases lapsed.
-            with consumer.app.connection_for_write() as connection:
-                self._renew(consumer, connection)
 
     def shutdown(self, consumer: Any) -> None:
         self._stopped.set()
 
-    def _run(self, consumer: Any, interval: float) -> None:
-        connection = consumer.app.connection_for_write()
+    def _run(self, consumer: Any) -> None:
+        """Renew every `unacked_restore_interval`; while Redis cannot be reached, try every
+        RETRY_S instead, so that leases are renewed within moments of its return, before the
+        consumer (which reconnects with a backoff of seconds) can sweep them as lapsed."""
+        conf = consumer.app.conf
+        interval = float(conf.broker_transport_options["unacked_restore_interval"])
+        # A client of its own, with short timeouts: kombu's connection retries for seconds per try.
+        client = redis_client(
+            conf.broker_url,
+            sentinel_master=conf.broker_transport_options.get("master_name"),
+            socket_connect_timeout=1,
+            socket_timeout=2,
+        )
+        wait = interval
         try:
-            while not self._stopped.wait(interval):
-                self._renew(consumer, connection)
+            while not self._stopped.wait(wait):
+                wait = interval if self._renew(consumer, client) else min(self.RETRY_S, interval)
         finally:
-            connection.release()
+            client.close()
 
-    def _renew(self, consumer: Any, connection: Any) -> None:
+    RETRY_S = 0.2
+
+    def _renew(self, consumer: Any, client: redis.Redis) -> bool:
+        """Stamp the held messages with the current time; False when Redis could not be reached."""
         try:
             tags = _held_delivery_tags(consumer)
         except RuntimeError:  # the sets changed while being read: the next round reads them again
-            return
+            return True
         if not tags:
-            return
+            return True
         try:
-            channel = connection.default_channel
             # XX: only messages still unacknowledged; one acked or restored meanwhile is not brought back.
-            channel.client.zadd(channel.unacked_index_key, dict.fromkeys(tags, time.time()), xx=True)
-        except (RedisError, OperationalError, OSError) as exc:
-            log.warning("could not renew the lease of %d held job(s): %s; trying again", len(tags), exc)
-            connection.collect()  # a fresh connection next time
+            client.zadd(Channel.unacked_index_key, dict.fromkeys(tags, time.time()), xx=True)
+        except (RedisError, OSError) as exc:
+            if not self._warned:
+                log.warning("could not renew the lease of %d held job(s): %s; trying again", len(tags), exc)
+            self._warned = True
+            return False
+        self._warned = False
+        return True
 
 
 class LeasedRequest(Request):
