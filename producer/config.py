@@ -6,9 +6,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from producer.redis_client import is_sentinel_url
 from producer.schema import MAX_TEXT_CHARS
 
-__all__ = ["REDIS_SCHEMES", "ConfigError", "ProducerConfig", "is_redis_url"]
+__all__ = ["REDIS_SCHEMES", "ConfigError", "ProducerConfig", "check_sentinel_master", "is_redis_url"]
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
@@ -29,6 +30,16 @@ class ConfigError(ValueError):
     """An environment variable has a value the producer cannot use; the message names it."""
 
 
+def check_sentinel_master(broker_url: str, result_backend: str, sentinel_master: str | None) -> None:
+    """A `sentinel://` URL names sentinels, not Redis: raise `ConfigError` unless the primary's name
+    is given too (the producer's check and the worker's)."""
+    if not sentinel_master and any(is_sentinel_url(url) for url in (broker_url, result_backend)):
+        raise ConfigError(
+            "REDIS_SENTINEL_MASTER must name the Redis primary the sentinels monitor "
+            "when CELERY_BROKER_URL or CELERY_RESULT_BACKEND is a sentinel:// URL"
+        )
+
+
 @dataclass(frozen=True)
 class ProducerConfig:
     """Where the producer sends jobs and reads results, and the text limit it enforces."""
@@ -42,13 +53,7 @@ class ProducerConfig:
     """The name Redis Sentinel monitors, for `sentinel://` URLs."""
 
     def __post_init__(self) -> None:
-        if not self.sentinel_master and any(
-            url.startswith("sentinel://") for url in (self.broker_url, self.result_backend)
-        ):
-            raise ConfigError(
-                "REDIS_SENTINEL_MASTER must name the Redis primary the sentinels monitor "
-                "when CELERY_BROKER_URL or CELERY_RESULT_BACKEND is a sentinel:// URL"
-            )
+        check_sentinel_master(self.broker_url, self.result_backend, self.sentinel_master)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> ProducerConfig:

@@ -46,10 +46,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Lease:
-    """The timings that bound recovery to `recovery_s`: a lease of `length_s`, renewed and swept for
-    every `interval_s` (lapsed at `length_s` after the last renewal, noticed within `interval_s`)."""
+    """The timings that bound recovery: a lease of `length_s`, renewed and swept every `interval_s`
+    (lapsed at `length_s` after the last renewal, noticed within `interval_s`)."""
 
-    recovery_s: float
     length_s: float
     interval_s: float
 
@@ -67,7 +66,7 @@ class Lease:
 def lease_for(recovery_s: float) -> Lease:
     """The lease that restores a vanished worker's job within `recovery_s`."""
     interval = recovery_s / 6
-    return Lease(recovery_s=recovery_s, length_s=recovery_s - interval, interval_s=interval)
+    return Lease(length_s=recovery_s - interval, interval_s=interval)
 
 
 def _held_delivery_tags(consumer: Any) -> set[str]:
@@ -85,6 +84,8 @@ class LeaseRenewal(bootsteps.StartStopStep):
     its own, until the worker process ends."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
+    RETRY_S = 0.2
+    """How often renewal is tried while Redis cannot be reached."""
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
@@ -125,8 +126,6 @@ class LeaseRenewal(bootsteps.StartStopStep):
                 wait = interval if self._renew(consumer, client) else min(self.RETRY_S, interval)
         finally:
             client.close()
-
-    RETRY_S = 0.2
 
     def _renew(self, consumer: Any, client: redis.Redis) -> bool:
         """Stamp the held messages with the current time; False when Redis could not be reached."""

@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from producer.config import DEFAULT_BROKER_URL, REDIS_SCHEMES, is_redis_url
+from producer.config import (
+    DEFAULT_BROKER_URL,
+    REDIS_SCHEMES,
+    ConfigError,
+    check_sentinel_master,
+    is_redis_url,
+)
 from producer.schema import MAX_TEXT_CHARS
 
 __all__ = [
@@ -179,12 +185,12 @@ class Settings:
 
     def check_sentinel(self) -> None:
         """A `sentinel://` URL names sentinels, not Redis: the primary's name must be given too."""
-        urls = (self.celery_broker_url, self.celery_result_backend)
-        if not self.redis_sentinel_master and any(url.startswith("sentinel://") for url in urls):
-            raise SettingsError(
-                "REDIS_SENTINEL_MASTER must name the Redis primary the sentinels monitor "
-                "when CELERY_BROKER_URL or CELERY_RESULT_BACKEND is a sentinel:// URL"
+        try:
+            check_sentinel_master(
+                self.celery_broker_url, self.celery_result_backend, self.redis_sentinel_master
             )
+        except ConfigError as exc:
+            raise SettingsError(str(exc)) from None
 
     def check_time_limits(self) -> None:
         """The soft limit (the job fails cleanly) must come before the hard one (the process is killed)."""

@@ -113,7 +113,7 @@ ENDINGS_TTL_S = RESULT_EXPIRES_S
 def _record_request_digest(task: Task[Any, Any], job_id: str, fields: dict[str, Any]) -> None:
     """Beside the result (which holds no request fields), the digest of the request it answers, so
     that tts-backfill can tell a result made for another request under the same task id."""
-    client = _counter(task)
+    client = _results_redis(task)
     if client is None:
         return
     try:
@@ -126,16 +126,16 @@ def _endings_key(job_id: str) -> str:
     return f"tts:process-endings:{job_id}"
 
 
-def _counter(task: Task[Any, Any]) -> redis.Redis | None:
-    """The result backend's Redis client (the count must outlive the process and be seen by every
-    worker); None for a backend that is not Redis."""
+def _results_redis(task: Task[Any, Any]) -> redis.Redis | None:
+    """The result backend's Redis client, for what must outlive the process and be seen by every
+    worker (process endings, request digests); None for a backend that is not Redis."""
     client = getattr(task.backend, "client", None)
     return client if isinstance(client, redis.Redis) else None
 
 
 def _refuse_if_it_ended_processes(task: Task[Any, Any], job_id: str) -> None:
     """Fail the job for good, before the engine sees it, once it has ended MAX_PROCESS_ENDINGS."""
-    client = _counter(task)
+    client = _results_redis(task)
     if client is None:
         return
     try:
@@ -154,7 +154,7 @@ def _refuse_if_it_ended_processes(task: Task[Any, Any], job_id: str) -> None:
 
 
 def _count_ending(task: Task[Any, Any], job_id: str, exc: EngineUnusable) -> int | None:
-    client = _counter(task)
+    client = _results_redis(task)
     if client is None:
         return None
     key = _endings_key(job_id)
