@@ -36,6 +36,8 @@ EMOTIONS = ("happy", "angry", "sad", "afraid", "disgusted", "melancholic", "surp
 _SESSION_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 _TASK_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,200}$"
 OutputFormat = Literal["opus", "mp3", "wav", "flac", "aac"]
+Language = Literal["ar", "en", "es", "ja", "zh"]
+"""The languages an engine can be told to read the text in (ISO 639-1): IndexTTS-2.5's five."""
 UnitFloat = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 
@@ -68,6 +70,10 @@ class TTSRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int | None = Field(default=None, ge=1, le=200)
     max_mel_tokens: int | None = Field(default=None, ge=50, le=1815)
+    # The language to read the text in (None: the engine's default) and the speaking rate (2.0 is
+    # twice as fast). An engine that cannot do what is asked fails the job naming the field.
+    language: Language | None = None
+    speed: float = Field(default=1.0, ge=0.25, le=4.0, allow_inf_nan=False)
 
     @field_validator("text")
     @classmethod

@@ -1,3 +1,4 @@
+# ruff: noqa: E402  (the Hugging Face variables below are set before the imports that read them)
 """Real parts for the suite: one redis-server and one S3-compatible server (moto, over HTTP) per
 session, real `celery -A tts_worker worker` processes, and real ffmpeg.
 
@@ -8,16 +9,30 @@ running workers need).
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
+import shutil
 import socket
 import socketserver
+import subprocess
 import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# The suite never reaches the Hugging Face hub and never touches the developer's own cache; set before
+# anything imports huggingface_hub, which reads both once. Worker processes inherit them.
+OPERATOR_ENV = dict(os.environ)
+"""The environment the suite was started with (the gpu test reads the operator's model settings)."""
+HF_HOME = Path(tempfile.mkdtemp(prefix="tts-tests-hf-"))
+os.environ["HF_HOME"] = str(HF_HOME)
+os.environ["HF_HUB_OFFLINE"] = "1"
+atexit.register(shutil.rmtree, HF_HOME, ignore_errors=True)
 
 import boto3
 import pytest
@@ -47,11 +62,18 @@ FAKE_INDEXTTS = Path(__file__).parent / "fake_indextts"
 
 @pytest.fixture
 def stand_in(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Import `indextts` from the stand-in for this test only."""
+    """Import `indextts` from the stand-in for this test only (the real one, if imported, is put
+    aside and back)."""
+
+    def take_indextts() -> dict[str, Any]:
+        names = [m for m in sys.modules if m == "indextts" or m.startswith("indextts.")]
+        return {name: sys.modules.pop(name) for name in names}
+
+    real = take_indextts()
     monkeypatch.syspath_prepend(str(FAKE_INDEXTTS))
     yield
-    for name in [m for m in sys.modules if m == "indextts" or m.startswith("indextts.")]:
-        del sys.modules[name]
+    take_indextts()
+    sys.modules.update(real)
 
 
 @pytest.fixture(scope="session")
@@ -251,3 +273,57 @@ def dropping_proxy(base_env: dict[str, str]) -> Iterator[str]:
     yield f"http://127.0.0.1:{proxy.server_address[1]}"
     proxy.shutdown()
     proxy.server_close()
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """An IndexTTS engine's files with tiny random weights, where `./bootstrap models` put them."""
+
+    checkpoints: Path
+    hub_cache: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A stand-in hub serving the IndexTTS2 and IndexTTS-2.5 repositories with tiny random weights
+    (`tests/tiny_indextts2.py`, `tests/tiny_indextts25.py`), made by the real libraries."""
+    from tests import tiny_indextts2, tiny_indextts25
+    from tests.fake_hub import FakeHub, FakeRepo
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    built = tiny_indextts2.build(root)
+    built[tiny_indextts25.CHECKPOINTS_REPO] = tiny_indextts25.build(root / tiny_indextts25.CHECKPOINTS_REPO)
+    repos = [
+        FakeRepo(repo_id, {p.relative_to(folder).as_posix(): p.read_bytes()
+                           for p in sorted(folder.rglob("*")) if p.is_file()})
+        for repo_id, folder in built.items()
+    ]  # fmt: skip
+    shutil.rmtree(root)
+    with FakeHub(repos) as hub:
+        yield hub
+
+
+def fetched(hub: Any, engine: str, checkpoints: Path) -> ModelFiles:
+    """`TTS_ENGINE=engine ./bootstrap models` from `hub` into `checkpoints` and the suite's cache."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    done = subprocess.run(
+        [sys.executable, "-m", "tts_worker.models", "fetch"],
+        env={**env, "HF_ENDPOINT": hub.url, "CHECKPOINTS_DIR": str(checkpoints), "TTS_ENGINE": engine,
+             "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return ModelFiles(checkpoints=checkpoints, hub_cache=HF_HOME / "hub")
+
+
+@pytest.fixture(scope="session")
+def indextts2_files(tiny_hub: Any, tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
+    """IndexTTS2's files, fetched: every test that loads the library from them also shows that the
+    manifest fetches what the library loads."""
+    return fetched(tiny_hub, "indextts2", tmp_path_factory.mktemp("indextts2") / "checkpoints")
+
+
+@pytest.fixture(scope="session")
+def indextts25_files(tiny_hub: Any, tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
+    """IndexTTS-2.5's files, fetched (its helper models are IndexTTS2's: one cache holds both)."""
+    return fetched(tiny_hub, "indextts25", tmp_path_factory.mktemp("indextts25") / "checkpoints")

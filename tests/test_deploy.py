@@ -294,6 +294,24 @@ def test_dockerfile_runs_the_bootstrap_entry_point_as_a_non_root_user() -> None:
         assert (ROOT / source).exists(), f"Dockerfile.gpu copies {source}, which is not in the repository"
 
 
+@pytest.mark.parametrize(
+    ("engine", "extra"), [("indextts2", "gpu"), ("indextts25", "gpu25"), ("piper", None)]
+)
+def test_the_engine_build_argument_picks_the_projects_extra(engine: str, extra: str | None) -> None:
+    """`--build-arg ENGINE=...` runs the build stage's own `case` (read from Dockerfile.gpu) here."""
+    [run] = [line for line in dockerfile_stage("build") if line.startswith('RUN case "$ENGINE"')]
+    choose = run.removeprefix("RUN ").split(" && ")[0]
+    done = subprocess.run(
+        ["sh", "-c", f'{choose} && echo "$extra"'], env={"ENGINE": engine, "PATH": os.environ["PATH"]},
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if extra is None:
+        assert done.returncode == 1 and "ENGINE=piper: indextts2 or indextts25" in done.stderr
+        return
+    assert done.returncode == 0 and done.stdout.strip() == extra
+    assert f"\n{extra} = [" in (ROOT / "pyproject.toml").read_text()  # an extra of the project
+
+
 def stage_env(stage: list[str]) -> dict[str, str]:
     """The variables a stage's own ENV instructions set (`ENV A=1 B=2` form)."""
     pairs = [shlex.split(line.split(None, 1)[1]) for line in stage if line.split(None, 1)[0] == "ENV"]
@@ -324,8 +342,13 @@ PINNED_REQUIREMENTS = {
         "omegaconf>=2.3", "safetensors>=0.4", "sentencepiece>=0.2", "torch>=2.0", "torchaudio>=2.0",
         "transformers>=5.0",
     ],
+    "indextts25-inference==0.2.0": [
+        "huggingface-hub>=0.30", "librosa>=0.10", "nemo-text-processing>=1.1", "numpy>=1.26",
+        "omegaconf>=2.3", "safetensors>=0.4.3", "tiktoken>=0.7", "torch>=2.8", "transformers>=4.52",
+        "fugashi>=1.2", "unidic-lite>=1.0", "wetextprocessing>=1.2",  # its ja and zh extras
+    ],
     "nemo-text-processing==1.2.0": ["pynini==2.1.6.post1", "transformers"],
-    "transformers==5.23.0": ["huggingface-hub<3.0,>=1.31.0", "numpy>=1.17", "safetensors>=0.8.0"],
+    "transformers==5.24.0": ["huggingface-hub<3.0,>=1.31.0", "numpy>=1.17", "safetensors>=0.8.0"],
     "accelerate==1.15.0": ["numpy>=1.17", "torch>=2.0.0", "huggingface_hub>=0.21.0", "safetensors>=0.4.3"],
     "torchaudio==2.9.1": ["torch==2.9.1"],
     "librosa==0.11.0": ["numpy>=1.22.3", "soundfile>=0.12.1"],

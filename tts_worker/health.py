@@ -171,15 +171,18 @@ def _model_files(settings: Settings) -> tuple[Status, str]:
         return ("pass", f"{path} is there") if path.is_file() else ("fail", f"{path} is missing")
     from tts_worker.models.check import missing_model_files  # brings huggingface_hub: indextts2 only
 
-    problems = missing_model_files(settings.checkpoints_dir)
+    problems = missing_model_files(settings.checkpoints_dir, engine=settings.tts_engine)
     if problems:
         more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
         return "fail", f"{'; '.join(problems[:5])}{more} (run ./bootstrap models)"
-    return "pass", f"every file IndexTTS2 loads is in {settings.checkpoints_dir} or the Hugging Face cache"
+    return (
+        "pass",
+        f"every file {settings.tts_engine} loads is in {settings.checkpoints_dir} or the Hugging Face cache",
+    )
 
 
 def _gpu(settings: Settings) -> tuple[Status, str]:
-    if settings.tts_engine != "indextts2":
+    if settings.tts_engine not in ("indextts2", "indextts25"):
         return "skip", f"TTS_ENGINE={settings.tts_engine} runs on the CPU"
     if importlib.util.find_spec("torch") is None:
         return "fail", "torch is not installed: pip install '.[gpu]'"

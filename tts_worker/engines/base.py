@@ -30,8 +30,11 @@ class VoiceInputs:
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """Sampling options of autoregressive engines (IndexTTS2); None keeps the engine's default."""
+    """How to speak: language and rate (already checked against the engine's `languages` and
+    `speeds`), and the sampling options of the IndexTTS engines; None keeps the engine's default."""
 
+    language: str | None = None
+    speed: float = 1.0
     interval_silence: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -53,6 +56,10 @@ class Engine(Protocol):
     """Where it runs, e.g. "cpu" or "cuda:0"."""
     clones_voices: bool
     """False when `speaker_voice` and the emotion inputs are ignored (said so in the result)."""
+    languages: tuple[str, ...] | None
+    """The languages it speaks, as the request's `language` names them; None for any (tone)."""
+    speeds: tuple[float, float]
+    """The speaking rates it can be asked for, lowest and highest; (1.0, 1.0) for its own only."""
 
     def synthesize(self, text: str, voice: VoiceInputs, options: GenerationOptions = ...) -> Audio:
         """Speak one chunk of text. Returns mono int16 samples (may be empty for unreadable text)."""

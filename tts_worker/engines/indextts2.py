@@ -16,18 +16,17 @@ settings and warmed up before the process takes a job. What it adds around `Inde
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from producer.errors import EngineUnusable, GPUOutOfMemory, InvalidRequest, UnreadableText
+from producer.errors import InvalidRequest, UnreadableText
 from tts_worker.engines.base import NO_OPTIONS, Audio, GenerationOptions, VoiceInputs
+from tts_worker.engines.cuda import shrinking_on_oom
 from tts_worker.engines.voice_cache import ConditioningCache
 from tts_worker.settings import Settings
 
@@ -38,7 +37,6 @@ log = logging.getLogger(__name__)
 EMOTION_BIAS = (0.9375, 0.875, 1.0, 1.0, 0.9375, 0.9375, 0.6875, 0.5625)
 """The web UI's per-emotion weights (happy ... calm): it damps those that sound strange when strong."""
 MAX_EMOTION_SUM = 0.8
-MIN_TOKENS_PER_SEGMENT = 20
 
 
 def normalize_emo_vector(vector: Sequence[float]) -> list[float]:
@@ -54,6 +52,8 @@ class IndexTTS2Engine:
 
     name = "indextts2"
     clones_voices = True
+    languages: tuple[str, ...] | None = ("en", "zh")  # it tells them apart in the text itself
+    speeds = (1.0, 1.0)
     sample_rate = 22050
 
     def __init__(self, settings: Settings) -> None:
@@ -82,39 +82,17 @@ class IndexTTS2Engine:
             )
         speaker, emotion = voice.speaker_voice, _emotion_reference(voice)
         digests = self.voices.prepare(speaker, emotion)
-        audio = self._infer_shrinking_on_oom(text, infer_arguments(voice, options))
+        arguments = infer_arguments(voice, options)
+        audio = shrinking_on_oom(lambda tokens: self._infer(text, tokens, arguments), self._max_tokens)
         self.voices.keep(speaker, emotion, digests)
         return audio
-
-    def _infer_shrinking_on_oom(self, text: str, arguments: dict[str, Any]) -> Audio:
-        tokens = self._max_tokens
-        while True:
-            try:
-                return self._infer(text, tokens, arguments)
-            except Exception as exc:
-                if not _out_of_memory(exc):
-                    if _poisons_context(exc):
-                        raise EngineUnusable(
-                            f"CUDA failed in a way that poisons this process: {exc}"
-                        ) from exc
-                    raise
-                failure = str(exc)
-            # Out of the except block: the exception's traceback holds the frames, and with them
-            # the tensors, of the failed call; only now can the cache give that memory back.
-            _free_cuda_cache()
-            if tokens <= MIN_TOKENS_PER_SEGMENT:
-                raise GPUOutOfMemory(
-                    f"CUDA out of memory even with max_text_tokens_per_segment={tokens}: {failure}"
-                )
-            tokens = max(MIN_TOKENS_PER_SEGMENT, tokens // 2)
-            log.warning("CUDA out of memory; retrying the chunk with max_text_tokens_per_segment=%d", tokens)
 
     def _infer(self, text: str, tokens: int, arguments: dict[str, Any]) -> Audio:
         try:
             result = self._model.infer(
                 text=text, output_path=None, max_text_tokens_per_segment=tokens, **arguments
             )
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:  # which one depends on the torch release
             if _no_segments(exc):
                 raise _unreadable(text) from exc
             raise
@@ -191,33 +169,12 @@ def _emotion_reference(voice: VoiceInputs) -> Path:
     return voice.emo_audio_prompt if voice.emo_audio_prompt and not overridden else voice.speaker_voice
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    # torch.OutOfMemoryError ("CUDA out of memory. Tried to allocate ..."), or a library's
-    # "CUDA error: out of memory", which frees like the first and does not poison the context.
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc)
-
-
-def _poisons_context(exc: BaseException) -> bool:
-    """After these, every later CUDA call in the process fails too: only a new process recovers."""
-    message = str(exc)
-    return "device-side assert" in message or "CUDA error" in message or "illegal memory access" in message
-
-
-def _no_segments(exc: RuntimeError) -> bool:
+def _no_segments(exc: Exception) -> bool:
     # indextts2-inference 2.1.1 concatenates the audio of every segment with `torch.cat(wavs)`,
-    # which fails so when the tokenizer made no segment of the text.
+    # which fails so when the tokenizer made no segment of the text (a zero-width space, say):
+    # with a RuntimeError in older torch releases, a ValueError in 2.9.
     return "expected a non-empty list of Tensors" in str(exc)
 
 
 def _unreadable(text: str) -> UnreadableText:
     return UnreadableText(f"text: IndexTTS2 found nothing to speak in {text[:60]!r}")
-
-
-def _free_cuda_cache() -> None:
-    """Collect what the failed call left (reference cycles included), then hand the CUDA cache back
-    (the PyTorch FAQ's recovery from out of memory). Call it outside the `except` block."""
-    # torch is loaded by indextts when the model runs; never import it here for its own sake.
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        gc.collect()
-        torch.cuda.empty_cache()

@@ -19,6 +19,8 @@ class PiperEngine:
     name = "piper"
     device = "cpu"
     clones_voices = False
+    languages: tuple[str, ...] | None = ("en",)
+    speeds = (1.0, 1.0)
 
     def __init__(self) -> None:
         try:

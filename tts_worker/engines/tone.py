@@ -24,6 +24,8 @@ class ToneEngine:
     name = "tone"
     device = "cpu"
     clones_voices = False
+    languages: tuple[str, ...] | None = None
+    speeds = (1.0, 1.0)
 
     def __init__(self, *, sample_rate: int = 22050, rtf: float = 0.0) -> None:
         self.sample_rate = sample_rate

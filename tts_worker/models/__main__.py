@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="./bootstrap models", description="Fetch and verify the model files IndexTTS2 needs."
+        prog="./bootstrap models",
+        description="Fetch and verify the model files of TTS_ENGINE (indextts2 unless indextts25).",
     )
     parser.set_defaults(command="fetch", hashes=False)
     commands = parser.add_subparsers(dest="command")
@@ -56,7 +57,13 @@ def _fetch(settings: Settings, *, hashes: bool) -> int:
         f"and the Hugging Face cache {constants.HF_HUB_CACHE}"
     )
     try:
-        report = fetch(settings.checkpoints_dir, token=settings.hf_token, hashes=hashes, say=_say)
+        report = fetch(
+            settings.checkpoints_dir,
+            token=settings.hf_token,
+            engine=settings.tts_engine,
+            hashes=hashes,
+            say=_say,
+        )
     except ModelFilesError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
@@ -66,7 +73,7 @@ def _fetch(settings: Settings, *, hashes: bool) -> int:
 
 
 def _verify(settings: Settings, *, hashes: bool, hint: str) -> int:
-    problems = verify_model_files(settings.checkpoints_dir, hashes=hashes)
+    problems = verify_model_files(settings.checkpoints_dir, engine=settings.tts_engine, hashes=hashes)
     for problem in problems:
         print(f"  {problem}", file=sys.stderr)
     if problems:

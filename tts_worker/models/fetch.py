@@ -40,7 +40,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoSibling
 
 from tts_worker.models.local import RECORD_NAME, ExpectedFile, Hashing, Record, inspect, local_path
-from tts_worker.models.manifest import CHECKPOINTS, MANIFEST, ModelRepo
+from tts_worker.models.manifest import CHECKPOINTS, ModelRepo, manifest_for
 
 __all__ = ["LOCK_NAME", "FetchReport", "HubUnreachable", "ModelFilesError", "fetch", "human_size"]
 
@@ -76,6 +76,7 @@ def fetch(
     checkpoints_dir: Path,
     *,
     token: str | None,
+    engine: str = "indextts2",
     endpoint: str | None = None,
     cache_dir: Path | None = None,
     hashes: bool = False,
@@ -91,7 +92,7 @@ def fetch(
     with _one_fetch_at_a_time(checkpoints_dir, say):
         return _Fetcher(
             checkpoints_dir, token=token, endpoint=endpoint, cache_dir=cache_dir, hashing=hashing, say=say
-        ).run()
+        ).run(manifest_for(engine))
 
 
 @contextmanager
@@ -130,8 +131,8 @@ class _Fetcher:
         self.report = FetchReport()
         self.hashing = hashing
 
-    def run(self) -> FetchReport:
-        for repo in MANIFEST:
+    def run(self, manifest: tuple[ModelRepo, ...]) -> FetchReport:
+        for repo in manifest:
             with self.explained(repo.repo_id):
                 commit, listed = self.listing(repo)
                 files = self.record.set_listing(repo.repo_id, commit, listed)
