@@ -1,3 +1,4 @@
+# ruff: noqa: RUF001  (Chinese and Japanese text, with full-width punctuation)
 """The IndexTTS-2.5 engine against the real library (indextts25-inference) on the CPU, with tiny random
 weights made for the session (`tests/tiny_indextts25.py`) and fetched by `./bootstrap models` with
 TTS_ENGINE=indextts25. Segments have an exact length (`samples_per_segment`), so the audio's length
@@ -92,6 +93,19 @@ def test_language_and_voice_reach_the_library(
     assert (call["lang"], call["voice"]) == ("ar", str((voices / "bob.wav").resolve()))
     assert audio.dtype == np.int16 and len(audio) == length(1)
     assert np.abs(audio).max() > 0
+
+
+@pytest.mark.parametrize(
+    ("language", "text"), [("ja", "こんにちは、世界。"), ("zh", "你好，世界。"), ("ar", "مرحبا بالعالم.")]
+)
+def test_each_language_goes_through_the_librarys_own_text_handling(
+    engine: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch, language: str, text: str
+) -> None:
+    """Japanese through fugashi, Chinese through WeTextProcessing (the gpu25 extra brings both);
+    Spanish and English through NeMo grammars, which take half a minute each to compile here."""
+    stream = spy(monkeypatch, engine._model, "stream")
+    audio = speak(engine, settings, text=text, language=language)
+    assert stream.calls[0]["lang"] == language and len(audio) == length(1)
 
 
 def test_english_is_the_default_language(

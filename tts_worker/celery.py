@@ -1,6 +1,7 @@
 """The worker's Celery app: `celery -A tts_worker worker` needs no other flags.
 
-Why these defaults (measured on celery 5.7 / kombu 5.7 / Redis 7, see DESIGN.md):
+Why these defaults (measured on celery 5.7 / kombu 5.7 / Redis 7; docs/configuration.md, "Why the
+worker is configured as it is"):
 - prefork with one child, not solo: the parent keeps answering `inspect ping` and sending heartbeats
   while a long job runs, enforces time limits, and requeues the job (`task_reject_on_worker_lost`
   with late acks) when the child running it dies. The model is loaded in the child

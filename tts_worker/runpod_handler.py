@@ -1,5 +1,7 @@
 """RunPod serverless shim: the seed's handler, running the same pipeline as the Celery task.
 
+The seed is the single-file RunPod worker this project started from (docs/runpod.md).
+
     python -m tts_worker.runpod_handler                                      # the image's command
     python -m tts_worker.runpod_handler --test_input '{"input": {"text": "Hello"}}'   # one job, here
 
