@@ -25,6 +25,14 @@ Importing this package imports neither torch, numpy, soundfile, boto3 nor the wo
 
 from __future__ import annotations
 
-from producer.backfill.cli import main
+from collections.abc import Sequence
 
 __all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`tts-backfill` (see `cli.main`). Imported on call: the worker imports `naming` from this
+    package, and must not pull in the command's own dependencies (tqdm, the `backfill` extra)."""
+    from producer.backfill.cli import main as run
+
+    return run(argv)
