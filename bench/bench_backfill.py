@@ -30,6 +30,9 @@ from pathlib import Path
 
 import redis
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # devtools: not installed
+
+from devtools.stack import RedisServer
 from producer.app import BACKFILL_QUEUE, TTSTask, create_app
 from producer.backfill.broker import Publisher
 from producer.backfill.guard import Guard
@@ -40,7 +43,6 @@ from producer.backfill.rows import Row
 from producer.backfill.runner import Backfill, Options
 from producer.config import ProducerConfig
 from producer.schema import parse_request
-from tts_worker.devstack import RedisServer
 
 PRIORITY = 9
 BATCH = 500

@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from devtools.stack import S3Server, WorkerProcess, stack_env
 from producer.app import TTSTask, create_app
 from producer.config import ProducerConfig
 from tests.faults import JobStream, RedisProcess
-from tts_worker.devstack import S3Server, WorkerProcess, stack_env
 
 TEXT = "Every chunk of this job takes its time on the worker, as on a busy GPU. " * 3
 

@@ -15,13 +15,17 @@ import argparse
 import os
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # devtools: not installed
+
+from devtools.stack import local_stack
 from producer.app import TTSTask, create_app
 from producer.config import ProducerConfig
 from tts_worker.chunking import split_text
-from tts_worker.devstack import local_stack
 from tts_worker.engines.base import VoiceInputs
 from tts_worker.engines.tone import ToneEngine
 

@@ -38,9 +38,7 @@ import boto3
 import pytest
 import redis
 
-from producer.app import TTSTask, create_app
-from producer.config import ProducerConfig
-from tts_worker.devstack import (
+from devtools.stack import (
     LOCAL_S3_KEYS,
     RedisServer,
     S3Server,
@@ -48,6 +46,8 @@ from tts_worker.devstack import (
     settings_variables,
     stack_env,
 )
+from producer.app import TTSTask, create_app
+from producer.config import ProducerConfig
 from tts_worker.settings import Settings
 
 BUCKET = "tts-test"

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tts_worker.devstack import free_port, wait_until
+from devtools.stack import free_port, wait_until
 
 __all__ = ["Gate", "JobStream", "RedisProcess", "SentinelGroup"]
 

@@ -25,6 +25,7 @@ import pytest
 import redis
 from kombu.transport.redis import PublishBatch
 
+from devtools.stack import RedisServer, WorkerProcess
 from producer.app import BACKFILL_QUEUE, create_app, shown_fields
 from producer.backfill import cli as backfill_cli
 from producer.backfill import naming
@@ -39,7 +40,6 @@ from producer.backfill.rows import InvalidRow, Row, RowReader, input_format
 from producer.backfill.runner import Backfill, Options
 from producer.config import ProducerConfig
 from tests.conftest import WorkerHandle
-from tts_worker.devstack import RedisServer, WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 _START = re.compile(r"job (backfill:\S+) start:")

@@ -25,7 +25,7 @@ def stack_processes() -> list[str]:
 
 def run_demo(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tts_worker.demo", *args], cwd=cwd, capture_output=True, text=True,
+        [sys.executable, "-m", "devtools.demo", *args], cwd=cwd, capture_output=True, text=True,
         timeout=170, check=False, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
     )  # fmt: skip
 

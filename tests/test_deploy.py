@@ -29,8 +29,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from devtools.stack import free_port, wait_until
 from tests.conftest import BUCKET
-from tts_worker.devstack import free_port, wait_until
 from tts_worker.settings import Settings
 from tts_worker.storage import make_storage
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tts_worker.devstack import RedisServer
+from devtools.stack import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER_STACK = {"numpy", "boto3", "botocore", "soundfile", "torch", "huggingface-hub", "tenacity", "tqdm",

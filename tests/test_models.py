@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
+from devtools.stack import free_port
 from tests.fake_hub import FakeHub, indextts_repos
 from tts_worker import models
-from tts_worker.devstack import free_port
 from tts_worker.models import local
 
 ROOT = Path(__file__).resolve().parent.parent

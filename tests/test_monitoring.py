@@ -20,12 +20,12 @@ from celery.result import AsyncResult
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from devtools.stack import RedisServer, free_port, wait_until
 from producer.app import BACKFILL_QUEUE, TTSTask, create_app, shown_fields
 from producer.config import ProducerConfig
 from producer.errors import EncodingError, InvalidRequest, StorageError, UnknownVoice, UnreadableText
 from tests.conftest import WorkerHandle
 from tts_worker import runtime
-from tts_worker.devstack import RedisServer, free_port, wait_until
 from tts_worker.metrics import QueueDepthCollector, loggable_message, queue_depths
 from tts_worker.settings import Settings
 

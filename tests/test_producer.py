@@ -12,11 +12,11 @@ import pytest
 import redis
 
 import producer
+from devtools.stack import RedisServer
 from producer import InvalidRequest, TTSRequest, parse_request
 from producer.app import TTSTask, create_app
 from producer.config import ConfigError, ProducerConfig
 from tests.conftest import databases
-from tts_worker.devstack import RedisServer
 
 VALID = {"text": "Hello there."}
 

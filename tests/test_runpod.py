@@ -23,9 +23,9 @@ import pytest
 import runpod
 from runpod.serverless.modules import rp_http, rp_scale
 
+from devtools.stack import free_port
 from tests.test_audio import join_chunks
 from tts_worker import health, runpod_handler, runtime
-from tts_worker.devstack import free_port
 from tts_worker.engines.base import NO_OPTIONS, Audio, GenerationOptions, VoiceInputs
 from tts_worker.engines.tone import ToneEngine
 

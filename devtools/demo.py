@@ -14,9 +14,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from devtools.stack import local_stack
 from producer.errors import InvalidRequest
 from producer.schema import parse_request
-from tts_worker.devstack import local_stack
 
 SAMPLE = (
     "Hello! This is IndexTTS queue speaking from a CPU worker. "
