@@ -33,7 +33,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # devtools: not installed
 
 from devtools.stack import RedisServer
-from producer.app import BACKFILL_QUEUE, TTSTask, create_app
+from producer.app import TTSTask, create_app
 from producer.backfill.broker import Publisher
 from producer.backfill.guard import Guard
 from producer.backfill.manifest import ManifestWriter
@@ -42,7 +42,8 @@ from producer.backfill.results import ResultReader
 from producer.backfill.rows import Row
 from producer.backfill.runner import Backfill, Options
 from producer.config import ProducerConfig
-from producer.schema import parse_request
+from tts_contract.names import BACKFILL_QUEUE
+from tts_contract.schema import parse_request
 
 PRIORITY = 9
 BATCH = 500

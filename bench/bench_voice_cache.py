@@ -22,7 +22,7 @@ import soundfile
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "fake_indextts"))
 
-from producer.schema import parse_request  # noqa: E402
+from tts_contract.schema import parse_request  # noqa: E402
 from tts_worker.engines.indextts2 import IndexTTS2Engine  # noqa: E402
 from tts_worker.pipeline import voice_inputs  # noqa: E402
 from tts_worker.settings import Settings  # noqa: E402

@@ -15,8 +15,8 @@ import urllib.request
 from pathlib import Path
 
 from devtools.stack import local_stack
-from producer.errors import InvalidRequest
-from producer.schema import parse_request
+from tts_contract.errors import InvalidRequest
+from tts_contract.schema import parse_request
 
 SAMPLE = (
     "Hello! This is IndexTTS queue speaking from a CPU worker. "

@@ -8,7 +8,10 @@ Importing it imports neither torch, numpy, soundfile, boto3 nor the worker.
 
 from __future__ import annotations
 
-from producer.app import BACKFILL_QUEUE, INTERACTIVE_QUEUE, TASK_NAME, app, synthesize, tts
+from producer.app import app, synthesize, tts
+
+# From the shim, which keeps `producer.errors` in sys.modules: Celery looks a stored failure's
+# exception up there by module name, and results stored before the move name `producer.errors`.
 from producer.errors import (
     EncoderKilled,
     EncodingError,
@@ -26,7 +29,8 @@ from producer.errors import (
     UnknownVoice,
     UnreadableText,
 )
-from producer.schema import TTSRequest, parse_request
+from tts_contract.names import BACKFILL_QUEUE, INTERACTIVE_QUEUE, TASK_NAME
+from tts_contract.schema import TTSRequest, parse_request
 
 __all__ = [
     "BACKFILL_QUEUE",

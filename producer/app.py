@@ -17,14 +17,11 @@ from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
 from producer.config import ProducerConfig
-from producer.errors import QueueUnavailable
-from producer.schema import TTSRequest, object_name, parse_request
+from tts_contract.errors import QueueUnavailable
+from tts_contract.names import INTERACTIVE_QUEUE, TASK_NAME
+from tts_contract.schema import TTSRequest, object_name, parse_request
 
 __all__ = [
-    "BACKFILL_QUEUE",
-    "INTERACTIVE_QUEUE",
-    "QUEUES",
-    "TASK_NAME",
     "JobResult",
     "TTSTask",
     "app",
@@ -34,14 +31,6 @@ __all__ = [
     "synthesize",
     "tts",
 ]
-
-TASK_NAME = "tts.synthesize"
-INTERACTIVE_QUEUE = "tts"
-"""Where `tts.delay` sends jobs; workers read it before the backfill queue."""
-BACKFILL_QUEUE = "tts.backfill"
-"""Where batch backfills send jobs, so that interactive calls are never stuck behind them."""
-QUEUES = (INTERACTIVE_QUEUE, BACKFILL_QUEUE)
-"""Every queue the project sends to, in the order workers read them."""
 
 
 def celery_contract(config: ProducerConfig) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from producer.redis_client import is_sentinel_url
-from producer.schema import MAX_TEXT_CHARS
+from tts_contract.schema import MAX_TEXT_CHARS
 
 __all__ = ["REDIS_SCHEMES", "ConfigError", "ProducerConfig", "check_sentinel_master", "is_redis_url"]
 

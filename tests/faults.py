@@ -103,7 +103,7 @@ class JobStream:
         self._thread.join()
 
     def _run(self) -> None:
-        from producer.errors import QueueUnavailable
+        from tts_contract.errors import QueueUnavailable
 
         while not self._stop.is_set():
             try:

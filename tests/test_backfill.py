@@ -26,7 +26,7 @@ import redis
 from kombu.transport.redis import PublishBatch
 
 from devtools.stack import RedisServer, WorkerProcess
-from producer.app import BACKFILL_QUEUE, create_app, shown_fields
+from producer.app import create_app, shown_fields
 from producer.backfill import cli as backfill_cli
 from producer.backfill import naming
 from producer.backfill.broker import Publisher, find_queued
@@ -40,6 +40,8 @@ from producer.backfill.rows import InvalidRow, Row, RowReader, input_format
 from producer.backfill.runner import Backfill, Options
 from producer.config import ProducerConfig
 from tests.conftest import WorkerHandle
+from tts_contract import keys
+from tts_contract.names import BACKFILL_QUEUE
 
 ROOT = Path(__file__).resolve().parent.parent
 _START = re.compile(r"job (backfill:\S+) start:")
@@ -348,9 +350,10 @@ def test_find_queued_sees_waiting_and_delivered_messages(
     Publisher(app, queue="tts.held", priority=9).publish(
         [(f"backfill:q:{i}", {"text": "Hi."}) for i in range(3)]
     )
-    delivered = redis_client.rpop("tts.held\x06\x169")  # as a worker takes it: into the unacked hash
+    # As a worker takes it: out of its list, into the unacked hash.
+    delivered = redis_client.rpop(keys.priority_lists("tts.held")[-1])
     assert isinstance(delivered, bytes)
-    redis_client.hset("unacked", "tag-1", b"[" + delivered + b', "", "tts.held"]')
+    redis_client.hset(keys.UNACKED, "tag-1", b"[" + delivered + b', "", "tts.held"]')
     wanted = ["backfill:q:0", "backfill:q:2", "backfill:q:9"]
     assert find_queued(redis_client, ["tts.held"], wanted) == {"backfill:q:0", "backfill:q:2"}
     app.close()
@@ -443,7 +446,7 @@ def test_published_messages_show_shortened_fields(
     kwargs = {"text": "A long document. " * 60, "session_id": "k.1"}
     Publisher(app, queue="tts.shown", priority=9).publish([("backfill:k:1", kwargs)])
     app.close()
-    [raw] = redis_client.lrange("tts.shown\x06\x169", 0, -1)
+    [raw] = redis_client.lrange(keys.priority_lists("tts.shown")[-1], 0, -1)
     headers = json.loads(raw)["headers"]
     assert headers["kwargsrepr"] == shown_fields(kwargs) and len(headers["kwargsrepr"]) < 150
     assert "A long document." in headers["kwargsrepr"]
@@ -470,7 +473,7 @@ def test_messages_go_out_in_batches(
     app.close()
     assert publisher.batched is True
     assert flushed == [600, 4]  # an LPUSH and an event's PUBLISH per message, one pipeline per call
-    assert redis_client.llen("tts.batched\x06\x169") == 302
+    assert redis_client.llen(keys.priority_lists("tts.batched")[-1]) == 302
 
 
 class Runs:
@@ -498,7 +501,7 @@ class Runs:
         return Guard(self.client, namespace="lease", run_id=run_id, lease_s=30)
 
     def queued(self) -> int:
-        return int(self.client.llen(f"{BACKFILL_QUEUE}\x06\x169"))
+        return int(self.client.llen(keys.priority_lists(BACKFILL_QUEUE)[-1]))
 
     def close(self) -> None:
         for manifest in self.manifests:
@@ -578,7 +581,7 @@ def test_a_claim_made_for_another_request_is_a_conflict(
     entry = json.loads(line)
     assert entry["status"] == "conflict" and entry["url"] is None and "--namespace" in entry["error"]
     assert broker.get("tts-backfill:shared:row:row-0") == theirs.dump().encode()  # left alone
-    assert broker.llen(BACKFILL_QUEUE + "\x06\x169") == 0
+    assert broker.llen(keys.priority_lists(BACKFILL_QUEUE)[-1]) == 0
     broker.close()
 
 
@@ -656,7 +659,7 @@ def test_rows_in_flight_stay_within_the_bound(pair: Pair, redis_client: redis.Re
         cli(rows, "--manifest", manifest, "--max-in-flight", "3"), env=pair.env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    queues = [BACKFILL_QUEUE] + [f"{BACKFILL_QUEUE}\x06\x16{step}" for step in (3, 6, 9)]
+    queues = keys.priority_lists(BACKFILL_QUEUE)
     broker = redis.Redis.from_url(pair.env["CELERY_BROKER_URL"])
     in_flight, waiting, claimed = [], [], 0
     while backfill.poll() is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -290,6 +291,10 @@ def test_dockerfile_runs_the_bootstrap_entry_point_as_a_non_root_user() -> None:
     sources = [path for args in copies if not args[0].startswith("--from") for path in args[:-1]
                if not path.startswith("--")]  # fmt: skip
     assert len(sources) >= 5
+    packages = re.search(r"include = \[([^\]]*)\]", (ROOT / "pyproject.toml").read_text())
+    assert packages is not None
+    for package in re.findall(r'"(\w+)\*"', packages.group(1)):  # every package the wheel holds
+        assert f"COPY {package} {package}" in dockerfile and f" {package}/__init__.py" in dockerfile
     for source in sources:
         assert (ROOT / source).exists(), f"Dockerfile.gpu copies {source}, which is not in the repository"
 
@@ -386,7 +391,10 @@ def test_the_gpu_pins_agree_with_the_projects_own_requirements() -> None:
     pins = constraint_pins()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    lines = [*project["dependencies"], *extras["gpu"], *extras["monitoring"], *extras["runpod"]]
+    lines = [
+        *project["dependencies"],
+        *(line for extra in ("worker", "gpu", "gpu25", "monitoring", "runpod") for line in extras[extra]),
+    ]
     checked = 0
     for line in lines:
         required = Requirement(line)

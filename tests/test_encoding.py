@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from producer.errors import EncoderKilled, EncodingError, TransientError
-from producer.formats import FORMATS
+from tts_contract.errors import EncoderKilled, EncodingError, TransientError
+from tts_contract.formats import FORMATS
 from tts_worker.encoding import Encoder, encode, resample
 from tts_worker.engines.base import VoiceInputs
 from tts_worker.engines.tone import ToneEngine

@@ -26,11 +26,11 @@ from celery.result import AsyncResult
 from devtools.stack import WorkerProcess
 from producer.app import TTSTask, create_app
 from producer.config import ProducerConfig
-from producer.errors import QueueUnavailable, TransientError
 from tests.conftest import BUCKET, WorkerHandle
 from tests.faults import Gate, JobStream, RedisProcess, SentinelGroup
 from tests.test_encoding import children_named
 from tests.test_worker import decode, wait_for_state
+from tts_contract.errors import QueueUnavailable, TransientError
 
 pytestmark = pytest.mark.slow
 

@@ -27,11 +27,11 @@ import numpy as np
 import pytest
 import soundfile
 
-from producer.errors import InvalidRequest, UnreadableText
-from producer.schema import parse_request
 from tests.conftest import BUCKET, OPERATOR_ENV, ModelFiles
 from tests.spy import Spy, spy
 from tests.tiny_indextts2 import CODES_PER_SEGMENT, SAMPLES_PER_SEGMENT
+from tts_contract.errors import InvalidRequest, UnreadableText
+from tts_contract.schema import parse_request
 from tts_worker.engines.base import GenerationOptions, VoiceInputs
 from tts_worker.engines.voice_cache import ConditioningCache
 from tts_worker.pipeline import generation_options, voice_inputs
@@ -403,7 +403,7 @@ def _real_model_available() -> tuple[bool, str]:
 
 REAL_JOB = """
 import json, sys
-from producer.schema import parse_request
+from tts_contract.schema import parse_request
 from tts_worker import runtime
 from tts_worker.pipeline import run_job
 request = parse_request({"text": "The real model, on a real GPU.", "output_format": "wav"})

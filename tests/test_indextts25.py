@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import soundfile
 
-from producer.errors import InvalidRequest, UnreadableText
-from producer.schema import parse_request
 from tests.conftest import BUCKET, ModelFiles
 from tests.spy import spy
 from tests.tiny_indextts25 import samples_per_segment
+from tts_contract.errors import InvalidRequest, UnreadableText
+from tts_contract.schema import parse_request
 from tts_worker.engines.base import GenerationOptions
 from tts_worker.pipeline import generation_options, voice_inputs
 from tts_worker.settings import Settings

@@ -22,9 +22,9 @@ import soundfile
 
 from producer.app import TTSTask, create_app
 from producer.config import ProducerConfig
-from producer.errors import EngineUnusable, GPUOutOfMemory, PoisonedJob
-from producer.schema import parse_request
 from tests.conftest import FAKE_INDEXTTS
+from tts_contract.errors import EngineUnusable, GPUOutOfMemory, PoisonedJob
+from tts_contract.schema import parse_request
 from tts_worker.engines import check_engine
 from tts_worker.engines.base import VoiceInputs
 from tts_worker.pipeline import voice_inputs

@@ -31,7 +31,7 @@ print(json.dumps({"id": sent.id, "modules": sorted(m for m in sys.modules if "."
 def test_a_producer_only_install_enqueues(tmp_path: Path, redis_server: RedisServer, fresh_db: int) -> None:
     source = tmp_path / "source"  # a copy, so that pip's build leaves nothing in the repository
     source.mkdir()
-    for name in ("pyproject.toml", "README.md", "producer", "tts_worker"):
+    for name in ("pyproject.toml", "README.md", "producer", "tts_contract", "tts_worker"):
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
         copy(ROOT / name, source / name)  # type: ignore[operator]
     venv = tmp_path / "venv"

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from producer.errors import EncodingError, StorageError
-from producer.schema import parse_request
 from tests.conftest import WorkerHandle
 from tests.test_worker import decode
+from tts_contract.errors import EncodingError, StorageError
+from tts_contract.schema import parse_request
 from tts_worker.engines.tone import ToneEngine
 from tts_worker.pipeline import Services, run_job
 from tts_worker.settings import Settings

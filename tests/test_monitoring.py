@@ -21,10 +21,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.stack import RedisServer, free_port, wait_until
-from producer.app import BACKFILL_QUEUE, TTSTask, create_app, shown_fields
+from producer.app import TTSTask, create_app, shown_fields
 from producer.config import ProducerConfig
-from producer.errors import EncodingError, InvalidRequest, StorageError, UnknownVoice, UnreadableText
 from tests.conftest import WorkerHandle
+from tts_contract import keys
+from tts_contract.errors import EncodingError, InvalidRequest, StorageError, UnknownVoice, UnreadableText
+from tts_contract.names import BACKFILL_QUEUE
 from tts_worker import runtime
 from tts_worker.metrics import QueueDepthCollector, loggable_message, queue_depths
 from tts_worker.settings import Settings
@@ -332,8 +334,8 @@ def test_queue_depth_counts_every_priority_list(redis_server: RedisServer) -> No
             tts.apply_async(kwargs={"text": "Waiting."}, priority=priority)
         for _ in range(2):
             tts.apply_async(kwargs={"text": "Backfill."}, queue=BACKFILL_QUEUE)
-        keys: list[bytes] = list(client.scan_iter())
-        assert any(key.startswith(b"tts\x06\x16") for key in keys)  # kombu's priority lists
+        stored = {key.decode() for key in client.scan_iter()}
+        assert set(keys.priority_lists("tts")[1:]) & stored  # kombu's lists of the other priorities
         assert queue_depths(client) == {"tts": 5, "tts.backfill": 2}
         registry = CollectorRegistry()
         registry.register(QueueDepthCollector(url))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from producer.errors import (
+from tts_contract.errors import (
     EncodingError,
     InvalidRequest,
     SessionTaken,
@@ -24,8 +24,8 @@ from producer.errors import (
     UnknownVoice,
     UnreadableText,
 )
-from producer.formats import FORMATS
-from producer.schema import parse_request
+from tts_contract.formats import FORMATS
+from tts_contract.schema import parse_request
 from tts_worker.chunking import split_text
 from tts_worker.encoding import Encoder
 from tts_worker.engines.base import NO_OPTIONS, Audio, GenerationOptions, VoiceInputs

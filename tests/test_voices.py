@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from producer.errors import InvalidRequest, UnknownVoice
+from tts_contract.errors import InvalidRequest, UnknownVoice
 from tts_worker.voices import available_voices, resolve_voice
 
 

@@ -17,9 +17,10 @@ from celery.result import AsyncResult
 
 import producer
 from producer.app import TTSTask
-from producer.errors import InvalidRequest, SessionTaken, StorageError, UnknownVoice
 from tests.conftest import WorkerHandle
 from tests.test_producer import BAD_REQUESTS
+from tts_contract import keys
+from tts_contract.errors import InvalidRequest, SessionTaken, StorageError, UnknownVoice
 
 pytestmark = pytest.mark.slow
 
@@ -144,9 +145,9 @@ def test_a_job_whose_process_is_killed_is_completed_once_after_recovery(
 
 
 def queue_lists(broker: redis.Redis) -> list[bytes]:
-    """The Redis lists of both queues, one per priority step (kombu keeps `tts`, `tts\\x06\\x163`, ...)."""
-    return [key for queue in ("tts", "tts.backfill") for key in broker.scan_iter(match=f"{queue}*")
-            if key.split(b"\x06\x16")[0] == queue.encode()]  # fmt: skip
+    """The Redis lists of both queues, one per priority step, that hold messages."""
+    return [name.encode() for queue in ("tts", "tts.backfill") for name in keys.priority_lists(queue)
+            if broker.exists(name)]  # fmt: skip
 
 
 def wait_until_idle(worker: WorkerHandle, timeout: float = 60) -> None:

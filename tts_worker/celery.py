@@ -26,8 +26,9 @@ from celery import Celery, signals
 from celery.app import trace
 from kombu import Exchange, Queue
 
-from producer.app import QUEUES, TASK_NAME, celery_contract
+from producer.app import celery_contract
 from producer.config import ProducerConfig
+from tts_contract.names import QUEUES, TASK_NAME
 from tts_worker import metrics, runtime  # noqa: F401 - importing metrics connects its signal handlers
 from tts_worker.engines import check_engine
 from tts_worker.lease import LeaseRenewal, lease_for

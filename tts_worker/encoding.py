@@ -22,8 +22,8 @@ from typing import IO
 import numpy as np
 import soundfile
 
-from producer.errors import EncoderKilled, EncodingError
-from producer.formats import AudioFormat
+from tts_contract.errors import EncoderKilled, EncodingError
+from tts_contract.formats import AudioFormat
 from tts_worker.engines.base import Audio
 
 __all__ = ["Encoder", "encode", "resample"]

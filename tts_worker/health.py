@@ -21,8 +21,8 @@ from typing import Any, Literal
 import redis
 from kombu.utils.url import maybe_sanitize_url
 
-from producer.formats import FORMATS
 from producer.redis_client import redis_client
+from tts_contract.formats import FORMATS
 from tts_worker.engines import check_engine
 from tts_worker.pipeline import Services
 from tts_worker.settings import Settings, SettingsError

@@ -34,10 +34,10 @@ from celery import bootsteps
 from celery.worker import state
 from celery.worker.request import Request
 from kombu.exceptions import OperationalError
-from kombu.transport.redis import Channel
 from redis.exceptions import RedisError
 
 from producer.redis_client import redis_client
+from tts_contract import keys
 
 __all__ = ["Lease", "LeaseRenewal", "LeasedRequest", "lease_for"]
 
@@ -137,7 +137,7 @@ class LeaseRenewal(bootsteps.StartStopStep):
             return True
         try:
             # XX: only messages still unacknowledged; one acked or restored meanwhile is not brought back.
-            client.zadd(Channel.unacked_index_key, dict.fromkeys(tags, time.time()), xx=True)
+            client.zadd(keys.UNACKED_INDEX, dict.fromkeys(tags, time.time()), xx=True)
         except (RedisError, OSError) as exc:
             if not self._warned:
                 log.warning("could not renew the lease of %d held job(s): %s; trying again", len(tags), exc)
@@ -164,7 +164,7 @@ class LeasedRequest(Request):
             with self.task.app.connection_for_write() as connection:
                 channel: Any = connection.default_channel  # kombu's Redis channel
                 with channel.client.pipeline() as pipe:
-                    pipe.zrem(channel.unacked_index_key, tag).hdel(channel.unacked_key, tag).execute()
+                    pipe.zrem(keys.UNACKED_INDEX, tag).hdel(keys.UNACKED, tag).execute()
         except (RedisError, OperationalError, OSError) as exc:
             log.warning("job %s: not acknowledged (%s); its lease will lapse and it runs again", self.id, exc)
         self.acknowledged = True

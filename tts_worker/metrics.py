@@ -36,12 +36,12 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import signals
-from kombu.transport.redis import PRIORITY_STEPS, Channel
 from kombu.utils.url import maybe_sanitize_url
 
-from producer.app import QUEUES, TASK_NAME
-from producer.errors import PermanentError
 from producer.redis_client import redis_client
+from tts_contract import keys
+from tts_contract.errors import PermanentError
+from tts_contract.names import QUEUES, TASK_NAME
 from tts_worker import runtime
 
 if TYPE_CHECKING:
@@ -59,14 +59,13 @@ RTF_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5)
 def queue_depths(client: redis.Redis, queues: Iterable[str] = QUEUES) -> dict[str, int]:
     """Jobs waiting in each queue. kombu keeps a Redis queue's priorities in separate lists, named
     `<queue>`, then `<queue>\\x06\\x16<step>` for the other steps (3, 6, 9): all of them count."""
-    names = list(queues)
+    lists = {queue: keys.priority_lists(queue) for queue in queues}
     with client.pipeline(transaction=False) as pipe:
-        for queue in names:
-            for step in PRIORITY_STEPS:
-                pipe.llen(f"{queue}{Channel.sep}{step}" if step else queue)
-        lengths = pipe.execute()
-    per_queue = len(PRIORITY_STEPS)
-    return {queue: sum(lengths[i * per_queue : (i + 1) * per_queue]) for i, queue in enumerate(names)}
+        for names in lists.values():
+            for name in names:
+                pipe.llen(name)
+        lengths = iter(pipe.execute())
+    return {queue: sum(next(lengths) for _ in names) for queue, names in lists.items()}
 
 
 class QueueDepthCollector:

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from producer.errors import InvalidRequest, SessionTaken, UnreadableText
-from producer.formats import FORMATS, AudioFormat
-from producer.schema import TTSRequest, object_name
+from tts_contract.errors import InvalidRequest, SessionTaken, UnreadableText
+from tts_contract.formats import FORMATS, AudioFormat
+from tts_contract.schema import TTSRequest, object_name
 from tts_worker.audio import StreamJoiner
 from tts_worker.chunking import split_text
 from tts_worker.encoding import Encoder

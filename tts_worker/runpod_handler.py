@@ -42,8 +42,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from producer.errors import EngineUnusable, InvalidRequest, PermanentError, TTSError, echo
-from producer.schema import TTSRequest, parse_request
+from tts_contract.errors import EngineUnusable, InvalidRequest, PermanentError, TTSError, echo
+from tts_contract.schema import TTSRequest, parse_request
 from tts_worker import health, runtime
 from tts_worker.pipeline import Services, log_done, run_job, text_chunks
 from tts_worker.settings import SettingsError

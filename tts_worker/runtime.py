@@ -6,7 +6,7 @@ import functools
 import logging
 import time
 
-from producer.schema import parse_request
+from tts_contract.schema import parse_request
 from tts_worker.engines import Engine, load_engine
 from tts_worker.pipeline import Services, voice_inputs
 from tts_worker.settings import Settings

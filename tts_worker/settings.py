@@ -20,7 +20,7 @@ from producer.config import (
     check_sentinel_master,
     is_redis_url,
 )
-from producer.schema import MAX_TEXT_CHARS
+from tts_contract.schema import MAX_TEXT_CHARS
 
 __all__ = [
     "ATTN_BACKENDS",

@@ -36,8 +36,8 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_before_delay, wait_random_exponential
 
-from producer.errors import StorageError
-from producer.formats import FORMATS
+from tts_contract.errors import StorageError
+from tts_contract.formats import FORMATS
 from tts_worker.settings import Settings, SettingsError
 
 if TYPE_CHECKING:

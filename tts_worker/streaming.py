@@ -15,7 +15,7 @@ import base64
 from collections.abc import Iterator
 from typing import Any
 
-from producer.schema import TTSRequest
+from tts_contract.schema import TTSRequest
 from tts_worker.engines import Audio
 from tts_worker.pipeline import Services, joined_pieces, text_chunks, voice_inputs
 

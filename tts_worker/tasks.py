@@ -19,16 +19,16 @@ from celery import Task, shared_task
 from celery.exceptions import BackendStoreError, SoftTimeLimitExceeded
 from redis.exceptions import RedisError
 
-from producer.app import TASK_NAME
-from producer.backfill.naming import request_digest, request_digest_key
-from producer.errors import (
+from tts_contract import keys
+from tts_contract.errors import (
     EngineUnusable,
     InvalidRequest,
     JobTimeLimitExceeded,
     PoisonedJob,
     TransientError,
 )
-from producer.schema import check_task_id, parse_request
+from tts_contract.names import TASK_NAME
+from tts_contract.schema import check_task_id, parse_request, request_digest
 from tts_worker import runtime
 from tts_worker.lease import LeasedRequest
 from tts_worker.pipeline import log_done, run_job, text_chunks
@@ -117,13 +117,9 @@ def _record_request_digest(task: Task[Any, Any], job_id: str, fields: dict[str, 
     if client is None:
         return
     try:
-        client.set(request_digest_key(job_id), request_digest(fields), ex=RESULT_EXPIRES_S)
+        client.set(keys.request_digest(job_id), request_digest(fields), ex=RESULT_EXPIRES_S)
     except RedisError as exc:  # only a backfill's conflict check reads it; the job is worth more
         log.warning("job %s: request digest not recorded: %s", job_id, exc)
-
-
-def _endings_key(job_id: str) -> str:
-    return f"tts:process-endings:{job_id}"
 
 
 def _results_redis(task: Task[Any, Any]) -> redis.Redis | None:
@@ -139,7 +135,7 @@ def _refuse_if_it_ended_processes(task: Task[Any, Any], job_id: str) -> None:
     if client is None:
         return
     try:
-        record = client.hgetall(_endings_key(job_id))
+        record = client.hgetall(keys.process_endings(job_id))
     except RedisError as exc:  # cannot tell: run it, as without the count
         log.warning("job %s: process endings not read: %s", job_id, exc)
         return
@@ -157,7 +153,7 @@ def _count_ending(task: Task[Any, Any], job_id: str, exc: EngineUnusable) -> int
     client = _results_redis(task)
     if client is None:
         return None
-    key = _endings_key(job_id)
+    key = keys.process_endings(job_id)
     try:
         with client.pipeline() as pipe:
             pipe.hincrby(key, "count", 1)

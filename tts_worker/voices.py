@@ -10,7 +10,7 @@ from pathlib import Path
 
 import soundfile
 
-from producer.errors import UnknownVoice, echo
+from tts_contract.errors import UnknownVoice, echo
 
 __all__ = ["AUDIO_EXTENSIONS", "available_voices", "resolve_voice"]
 

@@ -18,9 +18,10 @@ from typing import Any
 
 import redis
 from celery import Celery
-from kombu.transport.redis import PRIORITY_STEPS, Channel
 
-from producer.app import TASK_NAME, shown_fields
+from producer.app import shown_fields
+from tts_contract import keys
+from tts_contract.names import TASK_NAME
 
 __all__ = ["Publisher", "find_queued"]
 
@@ -78,17 +79,12 @@ def find_queued(client: redis.Redis, queues: Iterable[str], task_ids: Iterable[s
     wanted = {task_id.encode() for task_id in task_ids}
     found: set[bytes] = set()
     for queue in set(queues):
-        for key in _priority_keys(queue):
+        for key in keys.priority_lists(queue):
             found |= _scan_list(client, key, wanted)
     # A message moves from its list to the unacked hash when a worker takes it: look there after.
-    for raw in client.hvals(Channel.unacked_key):
+    for raw in client.hvals(keys.UNACKED):
         found |= wanted.intersection(_TASK_ID.findall(_bytes(raw)))
     return {task_id.decode() for task_id in found}
-
-
-def _priority_keys(queue: str) -> list[str]:
-    """The Redis lists of `queue`, one per priority step, named as kombu's Redis transport names them."""
-    return [queue if step == 0 else f"{queue}{Channel.sep}{step}" for step in PRIORITY_STEPS]
 
 
 def _scan_list(client: redis.Redis, key: str, wanted: set[bytes], chunk: int = 1000) -> set[bytes]:

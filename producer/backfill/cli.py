@@ -16,7 +16,6 @@ from types import FrameType
 import redis
 from kombu.exceptions import OperationalError
 
-from producer.app import BACKFILL_QUEUE
 from producer.backfill import naming
 from producer.backfill.broker import Publisher
 from producer.backfill.connect import Connections
@@ -26,6 +25,7 @@ from producer.backfill.progress import Progress, Tally
 from producer.backfill.rows import InvalidRow, Row, RowReader, input_format
 from producer.backfill.runner import Backfill, Options
 from producer.config import ConfigError, ProducerConfig
+from tts_contract.names import BACKFILL_QUEUE
 
 __all__ = ["main", "parser"]
 

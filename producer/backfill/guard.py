@@ -13,7 +13,7 @@ never both take a row over. Claims last `GUARD_TTL_S` (7 days), never longer tha
 point to; after that the worker's own idempotency (object key and job id) still keeps a row from
 being synthesised twice.
 
-A claim carries the digest of the row's request (`naming.request_digest`): a row whose claim has
+A claim carries the digest of the row's request (`tts_contract.schema.request_digest`): a row whose claim has
 another digest is a different request under the same task id (another input mapped to the same
 namespace, or a row edited since it was sent), reported as a conflict by the runner.
 
@@ -35,7 +35,7 @@ from typing import Literal
 
 import redis
 
-from producer.backfill.naming import GUARD_PREFIX
+from tts_contract import keys
 
 __all__ = ["GUARD_TTL_S", "Claim", "Guard"]
 
@@ -103,12 +103,12 @@ class Guard:
         self.client = client
         self.run_id = run_id
         self.lease_s = lease_s
-        self._prefix = f"{GUARD_PREFIX}:{namespace}"
+        self.namespace = namespace
         self._cas = client.register_script(_COMPARE_AND_SET)
 
     def key(self, name: str) -> str:
         """The guard key of the row named `name`."""
-        return f"{self._prefix}:row:{name}"
+        return keys.backfill_row(self.namespace, name)
 
     def claim(self, items: Sequence[tuple[str, Claim]]) -> list[bool]:
         """Claim each (name, claim) unless it is claimed already; True where this call won."""
@@ -129,9 +129,9 @@ class Guard:
         done: list[bool] = []
         for start in range(0, len(items), _SWAP_CHUNK):
             chunk = items[start : start + _SWAP_CHUNK]
-            keys = [self.key(name) for name, _, _ in chunk]
+            names = [self.key(name) for name, _, _ in chunk]
             args = [v for _, old, new in chunk for v in (old.dump(), new.dump() if new else "")]
-            done += [bool(flag) for flag in self._cas(keys=keys, args=args)]
+            done += [bool(flag) for flag in self._cas(keys=names, args=args)]
         return done
 
     def start(self) -> None:
@@ -162,7 +162,7 @@ class Guard:
         self.client.delete(self._run_key(self.run_id))
 
     def _run_key(self, run: str) -> str:
-        return f"{self._prefix}:run:{run}"
+        return keys.backfill_run(self.namespace, run)
 
     def _lease_ttl(self) -> int:
         return max(1, round(self.lease_s))

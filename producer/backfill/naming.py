@@ -16,19 +16,16 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "GUARD_PREFIX",
     "content_id",
     "namespace_for",
     "namespace_of",
     "next_task_id",
     "object_name",
-    "request_digest",
     "session_id",
     "task_id",
     "valid_namespace",
 ]
 
-GUARD_PREFIX = "tts-backfill"
 """Prefix of every Redis key the backfill writes (guards and run leases) in the broker database."""
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
@@ -48,18 +45,6 @@ def object_name(row_id: str) -> str:
 def content_id(message: Mapping[str, Any]) -> str:
     """A stable id for a row without one: a digest of its validated fields (CSV and JSONL agree)."""
     return "auto-" + _sha256(message)[:24]
-
-
-def request_digest_key(task_id: str) -> str:
-    """Where the worker records the request digest of the job it runs, in the result backend's
-    Redis: results hold no request fields, yet a backfill must tell whose request a result answers."""
-    return f"tts:request-digest:{task_id}"
-
-
-def request_digest(message: Mapping[str, Any]) -> str:
-    """A digest of a task's kwargs (session_id included), as sent and as a result stores them: two
-    rows that would share a task id but ask for different audio have different digests."""
-    return _sha256(message)[:16]
 
 
 def _sha256(message: Mapping[str, Any]) -> str:

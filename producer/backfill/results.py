@@ -3,7 +3,7 @@
 One MGET per few hundred tasks instead of an `AsyncResult` per task: a backfill follows up to
 `--max-in-flight` jobs at once. A task that has no result yet reads as PENDING (Celery stores nothing
 for a task that is only queued). Results hold no request fields; the worker records the digest of
-each job's request beside its result (`naming.request_digest_key`), which tells whether the result
+each job's request beside its result (`tts_contract.keys.request_digest`), which tells whether the result
 answers the row at hand (results stored with their kwargs, before that, are read too).
 """
 
@@ -16,7 +16,8 @@ from typing import Any
 from celery import Celery, states
 from celery.backends.base import BaseKeyValueStoreBackend
 
-from producer.backfill.naming import request_digest, request_digest_key
+from tts_contract import keys
+from tts_contract.schema import request_digest
 
 __all__ = ["Outcome", "ResultReader", "TaskState"]
 
@@ -66,8 +67,8 @@ class ResultReader:
         found: list[TaskState] = []
         for start in range(0, len(task_ids), _CHUNK):
             chunk = task_ids[start : start + _CHUNK]
-            keys = [self.backend.get_key_for_task(t) for t in chunk] + [request_digest_key(t) for t in chunk]
-            values = self.backend.mget(keys)
+            results = [self.backend.get_key_for_task(t) for t in chunk]
+            values = self.backend.mget(results + [keys.request_digest(t) for t in chunk])
             found += [
                 PENDING if raw is None else _state(self.backend.decode(raw), digest)
                 for raw, digest in zip(values[: len(chunk)], values[len(chunk) :], strict=True)

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from producer.backfill import naming
-from producer.errors import InvalidRequest
-from producer.schema import TTSRequest, parse_request
+from tts_contract.errors import InvalidRequest
+from tts_contract.schema import TTSRequest, parse_request, request_digest
 
 __all__ = ["InvalidRow", "Row", "RowReader", "input_format"]
 
@@ -43,7 +43,7 @@ class Row:
     @functools.cached_property
     def digest(self) -> str:
         """A digest of the task kwargs, kept in the row's claim and compared with existing results."""
-        return naming.request_digest(self.message)
+        return request_digest(self.message)
 
 
 @dataclass(frozen=True)

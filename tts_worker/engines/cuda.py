@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from producer.errors import EngineUnusable, GPUOutOfMemory
+from tts_contract.errors import EngineUnusable, GPUOutOfMemory
 from tts_worker.engines.base import Audio
 
 __all__ = ["MIN_TOKENS_PER_SEGMENT", "shrinking_on_oom"]

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from producer.errors import InvalidRequest, UnreadableText
+from tts_contract.errors import InvalidRequest, UnreadableText
 from tts_worker.engines.base import NO_OPTIONS, Audio, GenerationOptions, VoiceInputs
 from tts_worker.engines.cuda import shrinking_on_oom
 from tts_worker.engines.voice_cache import ConditioningCache

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from producer.errors import InvalidRequest, UnreadableText
+from tts_contract.errors import InvalidRequest, UnreadableText
 from tts_worker.engines.base import NO_OPTIONS, Audio, GenerationOptions, VoiceInputs
 from tts_worker.engines.cuda import shrinking_on_oom
 from tts_worker.engines.indextts2 import normalize_emo_vector

@@ -8,6 +8,8 @@ without passing through the producer. Unknown fields are errors, so a typo is ne
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -22,10 +24,18 @@ from pydantic import (
     model_validator,
 )
 
-from producer.errors import ECHO_LIMIT, InvalidRequest, echo
-from producer.formats import FORMATS, parse_bitrate
+from tts_contract.errors import ECHO_LIMIT, InvalidRequest, echo
+from tts_contract.formats import FORMATS, parse_bitrate
 
-__all__ = ["EMOTIONS", "MAX_TEXT_CHARS", "TTSRequest", "check_task_id", "object_name", "parse_request"]
+__all__ = [
+    "EMOTIONS",
+    "MAX_TEXT_CHARS",
+    "TTSRequest",
+    "check_task_id",
+    "object_name",
+    "parse_request",
+    "request_digest",
+]
 
 MAX_TEXT_CHARS = 10_000
 """Default limit on `text`; the MAX_TEXT_CHARS environment variable lowers or raises it."""
@@ -202,3 +212,10 @@ def _describe(error: Any) -> tuple[str, str]:
     message = message[:1].lower() + message[1:]
     shown = "" if error["type"] in ("missing", "value_error") else f" (got {echo(error.get('input'))})"
     return field, f"{where}: {message}{shown}"
+
+
+def request_digest(fields: Mapping[str, Any]) -> str:
+    """A digest of a task's kwargs (session_id included), as sent and as a worker records it: two
+    requests that share a task id but ask for different audio have different digests."""
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]

@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from producer.errors import echo
+from tts_contract.errors import echo
 
 __all__ = ["FORMATS", "AudioFormat", "parse_bitrate"]
 
