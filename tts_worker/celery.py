@@ -29,7 +29,7 @@ from kombu import Exchange, Queue
 from producer.app import celery_contract
 from producer.config import ProducerConfig
 from tts_contract.names import QUEUES, TASK_NAME
-from tts_worker import metrics, runtime  # noqa: F401 - importing metrics connects its signal handlers
+from tts_worker import metrics, runtime
 from tts_worker.engines import check_engine
 from tts_worker.lease import LeaseRenewal, lease_for
 from tts_worker.results import BACKEND_OVERRIDES
@@ -98,6 +98,7 @@ def _result_retries(budget_s: int) -> int:
 
 
 app = Celery("tts_worker", include=["tts_worker.tasks"])
+metrics.connect_signals()  # Prometheus metrics, and a log line per failed or retried job
 app.steps["consumer"].add(LeaseRenewal)
 # Results without the request's text: the worker's backend for each Redis scheme (a plain URL still).
 app.loader.override_backends = {**app.loader.override_backends, **BACKEND_OVERRIDES}

@@ -47,7 +47,7 @@ from tts_worker import runtime
 if TYPE_CHECKING:
     from prometheus_client import Metric
 
-__all__ = ["QueueDepthCollector", "loggable_message", "queue_depths"]
+__all__ = ["QueueDepthCollector", "connect_signals", "loggable_message", "queue_depths"]
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,6 @@ class _State:
     recorder: _Recorder | None = None
 
 
-@signals.worker_init.connect
 def _prepare(**_: Any) -> None:
     """In the parent, before the pool forks: make the directory and the metrics the children inherit."""
     if not runtime.settings().metrics_port:
@@ -151,7 +150,6 @@ def _prepare(**_: Any) -> None:
     _State.recorder = _Recorder()
 
 
-@signals.worker_ready.connect
 def _serve(**_: Any) -> None:
     """Serve /metrics from the parent, once the pool has forked (so no child inherits the thread)."""
     if _State.directory is None:
@@ -174,7 +172,6 @@ def _serve(**_: Any) -> None:
     log.info("metrics: serving http://%s:%d/metrics", address, port)
 
 
-@signals.worker_shutdown.connect
 def _clean_up(**_: Any) -> None:
     if _State.directory is not None:
         shutil.rmtree(_State.directory, ignore_errors=True)
@@ -188,19 +185,16 @@ def _ours(sender: Any) -> _Recorder | None:
     return _State.recorder if _is_ours(sender) else None
 
 
-@signals.task_prerun.connect
 def _started(sender: Any = None, **_: Any) -> None:
     if recorder := _ours(sender):
         recorder.started.inc()  # in every run: a retry is a new message, and so is a redelivery
 
 
-@signals.task_success.connect
 def _succeeded(sender: Any = None, result: Any = None, **_: Any) -> None:
     if (recorder := _ours(sender)) and isinstance(result, Mapping):
         recorder.succeeded_with(result)
 
 
-@signals.task_failure.connect
 def _failed(
     sender: Any = None,
     task_id: str | None = None,
@@ -217,7 +211,6 @@ def _failed(
         recorder.failures.labels(type(exception).__name__).inc()
 
 
-@signals.task_retry.connect
 def _retried(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
     if not _is_ours(sender):
         return
@@ -237,6 +230,18 @@ def _retried(sender: Any = None, request: Any = None, reason: Any = None, **_: A
 _QUOTED = re.compile(r"'(?:[^'\\\n]|\\.)*'|\"(?:[^\"\\\n]|\\.)*\"")
 _URL = re.compile(r"\b([a-z][a-z0-9+.-]*://[^\s'\"?)]+)(\?[^\s'\")]*)?", re.IGNORECASE)
 MAX_MESSAGE_CHARS = 300
+
+
+def connect_signals() -> None:
+    """Connect the handlers above to Celery's signals: called where the worker's app is made (connecting
+    twice is harmless, Celery keeps one connection per handler)."""
+    signals.worker_init.connect(_prepare)
+    signals.worker_ready.connect(_serve)
+    signals.worker_shutdown.connect(_clean_up)
+    signals.task_prerun.connect(_started)
+    signals.task_success.connect(_succeeded)
+    signals.task_failure.connect(_failed)
+    signals.task_retry.connect(_retried)
 
 
 def loggable_message(exc: BaseException, fields: Mapping[str, Any]) -> str:
