@@ -26,11 +26,11 @@ from tts_contract.errors import (
 )
 from tts_contract.formats import FORMATS
 from tts_contract.schema import parse_request
-from tts_worker.chunking import split_text
+from tts_worker.chunking import split_text, text_chunks
 from tts_worker.encoding import Encoder
 from tts_worker.engines.base import NO_OPTIONS, Audio, GenerationOptions, VoiceInputs
 from tts_worker.engines.tone import ToneEngine
-from tts_worker.pipeline import Services, run_job, text_chunks
+from tts_worker.pipeline import Services, run_job
 from tts_worker.settings import Settings
 from tts_worker.storage import S3Storage, make_storage
 

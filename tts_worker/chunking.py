@@ -15,14 +15,20 @@ find in that window, in this order of preference:
 
 The split is lossless: `"".join(split_text(t, n)) == t`. Whitespace after a cut starts the next
 chunk, so the chunks map back onto the source text exactly; callers strip them before synthesis.
+
+`text_chunks` applies it to a request: the chunks an engine speaks, stripped, silent pieces joined
+to their neighbours.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from bisect import bisect_right
 
-__all__ = ["split_text"]
+from tts_contract.schema import TTSRequest
+
+__all__ = ["split_text", "text_chunks"]
 
 # Written as escapes because several of these look like ASCII punctuation in an editor.
 _CLOSERS = re.escape("\"')]\u00bb\u201d\u2019")  # " ' ) ] », right double and single quotes
@@ -84,3 +90,30 @@ def _cut(boundaries: list[list[int]], start: int, limit: int) -> int:
         if i and ends[i - 1] > start:
             return ends[i - 1]
     return limit
+
+
+def text_chunks(request: TTSRequest) -> list[str]:
+    """The pieces of the request's text the engine speaks one by one, stripped, none empty.
+
+    A piece of punctuation alone ("...", "—", a closing bracket cut off by the size limit) makes
+    no sound in any engine (Piper returns nothing, IndexTTS2 fails), so it joins its neighbour
+    instead of failing the job, as long as the chunk stays within `max_chars_per_chunk`; past it,
+    the silent piece is left out (`"! " * 5000` made one chunk of 10,000 characters).
+    """
+    if not request.enable_chunking:
+        return [request.text.strip()]
+    limit = request.max_chars_per_chunk
+    chunks: list[str] = []
+    for piece in split_text(request.text, limit):
+        if not chunks or (_speakable(piece) and _speakable(chunks[-1])):
+            chunks.append(piece)
+        elif len(chunks[-1]) + len(piece) <= limit:
+            chunks[-1] += piece
+        elif _speakable(piece):  # the chunk before is silent and full: the piece takes its place
+            chunks[-1] = piece
+    return [chunk.strip() for chunk in chunks if chunk.strip()]
+
+
+def _speakable(text: str) -> bool:
+    """Whether `text` holds anything but punctuation and white space (letters, digits, symbols)."""
+    return any(not (char.isspace() or unicodedata.category(char).startswith("P")) for char in text)

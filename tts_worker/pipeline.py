@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,7 @@ from tts_contract.errors import InvalidRequest, SessionTaken, UnreadableText
 from tts_contract.formats import FORMATS, AudioFormat
 from tts_contract.schema import TTSRequest, object_name
 from tts_worker.audio import StreamJoiner
-from tts_worker.chunking import split_text
+from tts_worker.chunking import text_chunks
 from tts_worker.encoding import Encoder
 from tts_worker.engines import Audio, Engine, GenerationOptions, VoiceInputs
 from tts_worker.settings import Settings
@@ -39,7 +38,6 @@ __all__ = [
     "joined_pieces",
     "log_done",
     "run_job",
-    "text_chunks",
     "voice_inputs",
 ]
 
@@ -123,33 +121,6 @@ def log_done(job_id: str, result: dict[str, Any]) -> None:
         "job %s done: engine=%s chunks=%s audio_s=%s rtf=%s",
         job_id, meta["engine"], meta["chunks"], meta["duration"], meta.get("rtf"),
     )  # fmt: skip
-
-
-def text_chunks(request: TTSRequest) -> list[str]:
-    """The pieces of the request's text the engine speaks one by one, stripped, none empty.
-
-    A piece of punctuation alone ("...", "—", a closing bracket cut off by the size limit) makes
-    no sound in any engine (Piper returns nothing, IndexTTS2 fails), so it joins its neighbour
-    instead of failing the job, as long as the chunk stays within `max_chars_per_chunk`; past it,
-    the silent piece is left out (`"! " * 5000` made one chunk of 10,000 characters).
-    """
-    if not request.enable_chunking:
-        return [request.text.strip()]
-    limit = request.max_chars_per_chunk
-    chunks: list[str] = []
-    for piece in split_text(request.text, limit):
-        if not chunks or (_speakable(piece) and _speakable(chunks[-1])):
-            chunks.append(piece)
-        elif len(chunks[-1]) + len(piece) <= limit:
-            chunks[-1] += piece
-        elif _speakable(piece):  # the chunk before is silent and full: the piece takes its place
-            chunks[-1] = piece
-    return [chunk.strip() for chunk in chunks if chunk.strip()]
-
-
-def _speakable(text: str) -> bool:
-    """Whether `text` holds anything but punctuation and white space (letters, digits, symbols)."""
-    return any(not (char.isspace() or unicodedata.category(char).startswith("P")) for char in text)
 
 
 def _synthesize(

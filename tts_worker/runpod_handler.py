@@ -45,7 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tts_contract.errors import EngineUnusable, InvalidRequest, PermanentError, TTSError, echo
 from tts_contract.schema import TTSRequest, parse_request
 from tts_worker import health, runtime
-from tts_worker.pipeline import Services, log_done, run_job, text_chunks
+from tts_worker.chunking import text_chunks
+from tts_worker.pipeline import Services, log_done, run_job
 from tts_worker.settings import SettingsError
 from tts_worker.streaming import PCM_FORMAT, stream_pcm
 

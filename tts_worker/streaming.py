@@ -16,8 +16,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from tts_contract.schema import TTSRequest
+from tts_worker.chunking import text_chunks
 from tts_worker.engines import Audio
-from tts_worker.pipeline import Services, joined_pieces, text_chunks, voice_inputs
+from tts_worker.pipeline import Services, joined_pieces, voice_inputs
 
 __all__ = ["PCM_FORMAT", "stream_pcm"]
 

@@ -30,8 +30,9 @@ from tts_contract.errors import (
 from tts_contract.names import TASK_NAME
 from tts_contract.schema import check_task_id, parse_request, request_digest
 from tts_worker import runtime
+from tts_worker.chunking import text_chunks
 from tts_worker.lease import LeasedRequest
-from tts_worker.pipeline import log_done, run_job, text_chunks
+from tts_worker.pipeline import log_done, run_job
 from tts_worker.settings import MAX_RETRY_WAIT_S
 
 __all__ = ["MAX_PROCESS_ENDINGS", "UrlHidingRequest", "synthesize"]
