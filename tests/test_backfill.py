@@ -31,7 +31,7 @@ from producer.backfill import cli as backfill_cli
 from producer.backfill import naming
 from producer.backfill.broker import Publisher, find_queued
 from producer.backfill.connect import Connections
-from producer.backfill.decide import decide
+from producer.backfill.decide import Action, decide
 from producer.backfill.guard import Claim, Guard
 from producer.backfill.manifest import ManifestBusy, ManifestIndex, ManifestWriter, record
 from producer.backfill.progress import Progress, Tally
@@ -313,7 +313,12 @@ PENDING = TaskState("PENDING")
 )
 def test_decide(won: bool, claim_state: str, run: str, state: TaskState, retry: bool, action: str) -> None:
     claim = Claim(claim_state, run, "backfill:n:x", BACKFILL_QUEUE)  # type: ignore[arg-type]
-    assert decide(won=won, claim=claim, state=state, alive={"me", "alive"}, retry_failed=retry) == action
+    decided = decide(won=won, claim=claim, state=state, alive={"me", "alive"}, retry_failed=retry)
+    assert decided is Action(action)
+
+
+def test_a_vanished_claim_is_looked_at_again() -> None:
+    assert decide(won=False, claim=None, state=PENDING, alive=set(), retry_failed=False) is Action.RECHECK
 
 
 def test_manifest_has_one_writer_and_survives_a_torn_line(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from celery import states
 
 from producer.backfill import naming
 from producer.backfill.broker import Publisher, find_queued
-from producer.backfill.decide import conflicts, decide
+from producer.backfill.decide import Action, conflicts, decide
 from producer.backfill.guard import Claim, Guard
 from producer.backfill.manifest import ManifestWriter, record
 from producer.backfill.progress import Progress, Tally
@@ -135,37 +135,38 @@ class Backfill:
         found = iter(self.results.states([c.task for c in claims if c is not None]))
         task_states = [next(found) if c is not None else TaskState(states.PENDING) for c in claims]
         alive = self.guard.alive(c.run for c in claims if c is not None)
-        plan: dict[str, list[tuple[Row, Claim]]] = {}
+        plan: dict[Action, list[tuple[Row, Claim]]] = {}
         for row, w, mine, claim, state in zip(rows, won, ours, claims, task_states, strict=True):
             if claim is not None and conflicts(row, claim, state):
-                self._conflict(row, claim.task)
-                plan.setdefault("release" if w else "conflict", []).append((row, claim))
+                self._conflict(row, claim.task)  # reported; a claim it just won goes back
+                if w:
+                    plan.setdefault(Action.RELEASE, []).append((row, claim))
                 continue
             action = decide(won=w, claim=claim, state=state, alive=alive, retry_failed=retry_failed)
-            if action == "record" and claim is not None:
+            if action is Action.RECORD and claim is not None:
                 self._record(row, claim.task, state, mine=False)
             plan.setdefault(action, []).append((row, claim or mine))
         self._act(plan)
 
-    def _act(self, plan: dict[str, list[tuple[Row, Claim]]]) -> None:
-        for row, claim in plan.get("follow", []):
+    def _act(self, plan: dict[Action, list[tuple[Row, Claim]]]) -> None:
+        for row, claim in plan.get(Action.FOLLOW, []):
             self._follow(row, claim.task)
-        for row, claim in plan.get("recheck", []):
+        for row, claim in plan.get(Action.RECHECK, []):
             self._follow(row, claim.task, checked_at=0.0)
         me, queue = self.guard.run_id, self.options.queue
         takeovers = [
             (row, claim, Claim("claimed", me, naming.next_task_id(claim.task), queue, row.digest))
-            for row, claim in plan.get("takeover", [])
+            for row, claim in plan.get(Action.TAKEOVER, [])
         ]
-        publish = [(row, claim) for row, claim in plan.get("publish", [])]
+        publish = list(plan.get(Action.PUBLISH, []))
         publish += self._swap_or_follow(takeovers)
-        publish += self._resolve(plan.get("resolve", []))
+        publish += self._resolve(plan.get(Action.RESOLVE, []))
         # A result existed although this run had just won the claim (an earlier claim expired): the
         # message was sent once, so mark it so; nothing is followed, the row is recorded already.
         # A claim just won for a conflicting row is given back: the task id is the other request's.
         self.guard.swap(
-            [(r.name, c, replace(c, state="sent")) for r, c in plan.get("record", []) if c.run == me]
-            + [(r.name, c, None) for r, c in plan.get("release", [])]
+            [(r.name, c, replace(c, state="sent")) for r, c in plan.get(Action.RECORD, []) if c.run == me]
+            + [(r.name, c, None) for r, c in plan.get(Action.RELEASE, [])]
         )
         self._publish(publish)
 
